@@ -1,0 +1,99 @@
+"""The one exception tree of kvstore, shared by the SDK, the daemon and the CLI.
+
+    KVStoreError                      base of everything kvstore raises
+    ├── RetryableError                the same call may succeed later
+    │   ├── UnavailableError          daemon down, unreachable, draining   (UNAVAILABLE)
+    │   ├── DeadlineExceededError     no answer within the deadline        (DEADLINE_EXCEEDED)
+    │   └── ResourceExhaustedError    memory/disk/quota full               (RESOURCE_EXHAUSTED)
+    ├── InvalidArgumentError          the request is wrong; never retry    (INVALID_ARGUMENT)
+    │   └── ConfigError               a configuration value is wrong
+    ├── PermissionDeniedError         bad or missing credentials           (PERMISSION_DENIED)
+    ├── DataCorruptionError           bytes failed their checksum          (DATA_LOSS)
+    └── InternalError                 a bug or an unexpected failure       (INTERNAL, others)
+
+Every error carries ``code`` (a ``kvstore.v1.ErrorCode`` name such as
+``"KEY_TOO_LARGE"``) and ``index`` (the offending entry of a batch, or -1).
+gRPC statuses are translated into this tree in exactly one place,
+``kvstore.client.transport``; the daemon maps the tree back to statuses in
+``kvstore.server.rpc.status``.
+"""
+
+from __future__ import annotations
+
+
+class KVStoreError(Exception):
+    """Base class of every error raised by kvstore."""
+
+    retryable: bool = False
+    default_code: str = "ERROR_CODE_UNSPECIFIED"
+
+    def __init__(self, message: str, *, code: str | None = None, index: int = -1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, code={self.code!r}, index={self.index})"
+
+
+class RetryableError(KVStoreError):
+    """The same call may succeed if retried later or against another replica."""
+
+    retryable = True
+
+
+class UnavailableError(RetryableError):
+    """The daemon is down, unreachable or draining."""
+
+    default_code = "SHUTTING_DOWN"
+
+
+class DeadlineExceededError(RetryableError):
+    """The call did not finish within its deadline."""
+
+
+class ResourceExhaustedError(RetryableError):
+    """The daemon has no room for the request (memory, disk or quota)."""
+
+    default_code = "CAPACITY_EXHAUSTED"
+
+
+class InvalidArgumentError(KVStoreError):
+    """The request is malformed or violates a limit; retrying cannot help."""
+
+    default_code = "INVALID_ARGUMENT"
+
+
+class ConfigError(InvalidArgumentError):
+    """A configuration value is missing or wrong; the message names the field."""
+
+
+class PermissionDeniedError(KVStoreError):
+    """The caller may not do this."""
+
+    default_code = "PERMISSION_DENIED"
+
+
+class DataCorruptionError(KVStoreError):
+    """Bytes failed their checksum; they are never handed to the caller."""
+
+    default_code = "DATA_CORRUPTION"
+
+
+class InternalError(KVStoreError):
+    """An unexpected failure inside kvstore."""
+
+
+__all__ = [
+    "ConfigError",
+    "DataCorruptionError",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidArgumentError",
+    "KVStoreError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryableError",
+    "UnavailableError",
+]

@@ -1,0 +1,102 @@
+"""``ServerConfig``: every setting of a kvstore-server process, validated at load.
+
+Precedence: command-line flags, then ``KVSTORE_*`` environment variables
+(``KVSTORE_LISTEN``, ``KVSTORE_MEMORY`` ...), then the YAML file given by
+``--config``/``KVSTORE_CONFIG``, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from kvstore.errors import ConfigError
+from kvstore.settings import merge_layers, size_field
+from kvstore.units import parse_address, parse_size
+
+DEFAULT_LISTEN = "127.0.0.1:7600"
+DEFAULT_DATA_DIR = "./kvstore-data"
+DEFAULT_MEMORY = 1 << 30
+DEFAULT_MAX_VALUE = 256 << 20
+DURABILITIES = ("memory", "disk", "sync")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: str = DEFAULT_DATA_DIR
+    # Memory-tier arena capacity; accepts "1GiB", "512MiB" or bytes.
+    memory: int = size_field(DEFAULT_MEMORY)
+    # Prometheus /metrics port; None disables the endpoint, 0 picks a free port.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    max_value_size: int = size_field(DEFAULT_MAX_VALUE)
+    default_durability: str = "disk"
+    # Segment files roll over at this size (values are appended to segments).
+    segment_size: int = size_field(1 << 30)
+    # Group commit: how long a sync put may wait for others to share its fsync.
+    sync_window_ms: float = 0.5
+    io_threads: int = 4
+    # Largest Get response; more keys are answered in follow-up calls.
+    max_response_bytes: int = size_field(64 << 20)
+    drain_seconds: float = 10.0
+    node_id: str = ""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("memory", "max_value_size", "segment_size", "max_response_bytes"):
+            try:
+                fix(name, parse_size(getattr(self, name)))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        try:
+            parse_address(self.listen)
+        except ValueError as exc:
+            raise ConfigError(f"listen: {exc}") from None
+        if not self.data_dir:
+            raise ConfigError("data_dir: must not be empty")
+        if self.memory < (1 << 20):
+            raise ConfigError(f"memory: {self.memory} bytes is below the 1 MiB minimum")
+        if not 1 <= self.max_value_size <= (2 << 30) - (1 << 20):
+            raise ConfigError(f"max_value_size: {self.max_value_size} must be between 1 byte and 2 GiB - 1 MiB")
+        if self.segment_size < (1 << 20):
+            raise ConfigError("segment_size: must be at least 1 MiB")
+        if self.metrics_port is not None and not 0 <= int(self.metrics_port) <= 65535:
+            raise ConfigError(f"metrics_port: {self.metrics_port} is not a port number")
+        if self.default_durability not in DURABILITIES:
+            raise ConfigError(f"default_durability: {self.default_durability!r} is not one of {', '.join(DURABILITIES)}")
+        if self.io_threads < 1:
+            raise ConfigError("io_threads: must be at least 1")
+        if self.sync_window_ms < 0:
+            raise ConfigError("sync_window_ms: must not be negative")
+        if self.drain_seconds < 0:
+            raise ConfigError("drain_seconds: must not be negative")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        fix("log_level", self.log_level.upper())
+        if not self.node_id:
+            fix("node_id", f"{socket.gethostname()}-{parse_address(self.listen)[1]}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC message limit: one maximal value plus room for keys and framing."""
+        return max(self.max_value_size, self.max_response_bytes) + (4 << 20)
+
+    @classmethod
+    def load(
+        cls,
+        args: Mapping[str, Any] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike | None = None,
+    ) -> "ServerConfig":
+        return merge_layers(cls, args=args or {}, environ=environ, file=config_file and str(config_file))
+
+    def replace(self, **changes: Any) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,121 @@
+"""One kvstore daemon: storage, gRPC services, health, reflection and metrics,
+started and drained as a unit. ``main.py`` runs it as a process; tests run it
+in-process on port 0."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
+from kvstore.errors import ConfigError
+from kvstore.server.config import ServerConfig
+from kvstore.server.metrics import Metrics
+from kvstore.server.rpc.admin import AdminService
+from kvstore.server.rpc.cluster import ClusterService
+from kvstore.server.rpc.data import DataService
+from kvstore.server.storage.store import BlockStore
+from kvstore.units import format_size, parse_address
+
+log = logging.getLogger("kvstore.server")
+
+SERVICE_NAMES = (
+    data_pb2.DESCRIPTOR.services_by_name["Data"].full_name,
+    cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+class Daemon:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store: BlockStore | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        host, _ = parse_address(self.config.listen)
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> "Daemon":
+        config = self.config
+        self.store = BlockStore(
+            Path(config.data_dir),
+            memory_bytes=config.memory,
+            segment_size=config.segment_size,
+            sync_window=config.sync_window_ms / 1000,
+            io_threads=config.io_threads,
+        )
+        limit = config.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        try:
+            self.port = self.server.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            await self.store.close()
+            raise ConfigError(f"listen: cannot bind {config.listen}: {exc}") from None
+        data = DataService(self.store, config, self.metrics)
+        cluster = ClusterService(config, self.metrics, self.address)
+        admin = AdminService(self.store, config, self.metrics, self.address)
+        self.server.add_generic_rpc_handlers((data.handler(), cluster.handler(), admin.handler()))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        await self.server.start()
+        self._wire_gauges()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
+        for name in ("",) + SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "kvstore-server listening on %s data_dir=%s memory=%s node_id=%s%s",
+            self.address,
+            Path(config.data_dir).resolve(),
+            format_size(config.memory),
+            config.node_id,
+            f" metrics=http://{config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "",
+        )
+        return self
+
+    def _wire_gauges(self) -> None:
+        store, m = self.store, self.metrics
+        m.tier_blocks.labels("memory").set_function(lambda: len(store.memory))
+        m.tier_bytes.labels("memory").set_function(lambda: store.memory.bytes)
+        m.tier_capacity.labels("memory").set_function(lambda: store.memory.capacity)
+        m.tier_blocks.labels("disk").set_function(lambda: store.disk.totals()[0])
+        m.tier_bytes.labels("disk").set_function(lambda: store.disk.totals()[1])
+        m.corrupt.set_function(lambda: store.disk.corrupt_blocks)
+        m.evictions.set_function(lambda: store.memory.evictions)
+        m.namespaces.set_function(lambda: len(store.disk.namespaces))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), flush, close."""
+        grace = self.config.drain_seconds if grace is None else grace
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+            self.server = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        self.metrics.close()
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()

@@ -1,0 +1,85 @@
+"""``kvstore-server``: run one daemon until SIGTERM/SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from kvstore import __version__
+from kvstore.errors import KVStoreError
+from kvstore.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvstore-server",
+        description="Serve KV-cache blocks: a memory tier over durable RocksDB-indexed storage.",
+        epilog="Every flag can also be set as KVSTORE_<NAME> (e.g. KVSTORE_MEMORY=4GiB) or in the --config YAML file.",
+    )
+    p.add_argument("--listen", help=f"gRPC address HOST:PORT (default {DEFAULT_LISTEN}; port 0 picks one)")
+    p.add_argument("--data-dir", help=f"directory for persisted blocks (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--memory", help="memory-tier capacity, e.g. 1GiB (default 1GiB)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
+    p.add_argument("--metrics-host", help="address for /metrics (default 127.0.0.1)")
+    p.add_argument("--max-value-size", help="largest block accepted (default 256MiB)")
+    p.add_argument("--default-durability", choices=("memory", "disk", "sync"), help="durability of puts that name none")
+    p.add_argument("--node-id", help="this daemon's name in the cluster (default HOSTNAME-PORT)")
+    p.add_argument("--io-threads", type=int, help="threads for disk and copy work (default 4)")
+    p.add_argument("--drain-seconds", type=float, help="how long SIGTERM waits for in-flight requests (default 10)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
+    p.add_argument("--version", action="version", version=f"kvstore-server {__version__}")
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> ServerConfig:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    return ServerConfig.load(args, config_file=config_file)
+
+
+async def serve(config: ServerConfig) -> None:
+    from kvstore.server.daemon import Daemon
+
+    daemon = await Daemon(config).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("kvstore.server").info("draining (up to %.1fs)", config.drain_seconds)
+    await daemon.stop()
+    logging.getLogger("kvstore.server").info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except KVStoreError as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    try:
+        with runner:
+            runner.run(serve(config))
+    except KVStoreError as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The Admin service: namespaces (list, drop) and daemon-wide statistics."""
+
+from __future__ import annotations
+
+import time
+
+from kvstore import __version__
+from kvstore._proto.v1 import admin_pb2 as pb
+from kvstore._proto.v1 import data_pb2
+from kvstore.namespace import validate_name
+from kvstore.server.config import ServerConfig
+from kvstore.server.metrics import Metrics
+from kvstore.server.rpc.data import namespace_of
+from kvstore.server.rpc.handlers import service
+from kvstore.server.storage.store import BlockStore
+
+
+class AdminService:
+    def __init__(self, store: BlockStore, config: ServerConfig, metrics: Metrics, advertise: str) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.advertise = advertise
+        self.started = time.monotonic()
+
+    def handler(self):
+        return service(
+            "Admin",
+            {
+                "ListNamespaces": (pb.ListNamespacesRequest, self.list_namespaces),
+                "DropNamespace": (pb.DropNamespaceRequest, self.drop_namespace),
+                "ServerStats": (pb.ServerStatsRequest, self.server_stats),
+            },
+            self.metrics,
+        )
+
+    async def list_namespaces(self, request: pb.ListNamespacesRequest, context) -> pb.ListNamespacesResponse:
+        if request.tenant:
+            validate_name("tenant", request.tenant)
+        response = pb.ListNamespacesResponse()
+        for ns, _ in self.store.disk.namespace_stats():
+            if request.tenant and ns.tenant != request.tenant:
+                continue
+            counters = self.store.namespace_counters(ns)
+            response.namespaces.add(
+                namespace=data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
+                blocks=counters.blocks,
+                bytes=counters.bytes,
+            )
+        return response
+
+    async def drop_namespace(self, request: pb.DropNamespaceRequest, context) -> pb.DropNamespaceResponse:
+        ns = namespace_of(request)
+        counters = await self.store.drop_namespace(ns)
+        return pb.DropNamespaceResponse(blocks=counters.blocks, bytes=counters.bytes)
+
+    async def server_stats(self, request, context) -> pb.ServerStatsResponse:
+        memory = self.store.memory
+        disk_blocks, disk_bytes = self.store.disk.totals()
+        total_requests = sum(
+            sample.value
+            for metric in self.metrics.requests.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+        return pb.ServerStatsResponse(
+            node_id=self.config.node_id,
+            address=self.advertise,
+            data_dir=str(self.store.disk.data_dir),
+            version=__version__,
+            uptime_seconds=time.monotonic() - self.started,
+            tiers=[
+                pb.TierStats(name="memory", blocks=len(memory), bytes=memory.bytes, capacity_bytes=memory.capacity),
+                pb.TierStats(name="disk", blocks=disk_blocks, bytes=disk_bytes, capacity_bytes=_disk_capacity(self.store)),
+            ],
+            namespaces=len(self.store.disk.namespaces),
+            corrupt_blocks=self.store.disk.corrupt_blocks,
+            evictions=memory.evictions,
+            requests=int(total_requests),
+        )
+
+
+def _disk_capacity(store: BlockStore) -> int:
+    import shutil
+
+    return shutil.disk_usage(store.disk.data_dir).total

@@ -1,0 +1,153 @@
+"""The Data service: batched Put, Get, Exists, LookupPrefix, Delete, List, Stat.
+
+Each handler validates its whole batch before touching storage, so a bad entry
+rejects the request with the entry's index and nothing of it is stored.
+"""
+
+from __future__ import annotations
+
+from kvstore._proto.v1 import data_pb2 as pb
+from kvstore.errors import InvalidArgumentError
+from kvstore.namespace import Namespace, validate_key
+from kvstore.server.config import ServerConfig
+from kvstore.server.metrics import Metrics
+from kvstore.server.rpc.handlers import service
+from kvstore.server.storage.store import BlockIn, BlockStore, verify_block
+
+DURABILITY = {
+    pb.DURABILITY_MEMORY: "memory",
+    pb.DURABILITY_DISK: "disk",
+    pb.DURABILITY_SYNC: "sync",
+}
+LIST_PAGE = 1000
+MAX_BATCH_KEYS = 100_000
+
+
+def namespace_of(message) -> Namespace:
+    if not message.HasField("namespace"):
+        raise InvalidArgumentError("the request names no namespace (tenant, subtenant)", code="INVALID_NAMESPACE")
+    return Namespace(message.namespace.tenant, message.namespace.subtenant)
+
+
+def storage_keys(ns: Namespace, keys) -> list[bytes]:
+    if len(keys) > MAX_BATCH_KEYS:
+        raise InvalidArgumentError(
+            f"{len(keys)} keys in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
+        )
+    prefix = ns.prefix
+    return [prefix + validate_key(key, i) for i, key in enumerate(keys)]
+
+
+class DataService:
+    def __init__(self, store: BlockStore, config: ServerConfig, metrics: Metrics) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+
+    def handler(self):
+        return service(
+            "Data",
+            {
+                "Put": (pb.PutRequest, self.put),
+                "Get": (pb.GetRequest, self.get),
+                "Exists": (pb.KeysRequest, self.exists),
+                "LookupPrefix": (pb.KeysRequest, self.lookup_prefix),
+                "Delete": (pb.KeysRequest, self.delete),
+                "List": (pb.ListRequest, self.list),
+                "Stat": (pb.StatRequest, self.stat),
+            },
+            self.metrics,
+        )
+
+    async def put(self, request: pb.PutRequest, context) -> pb.PutResponse:
+        ns = namespace_of(request)
+        durability = self._durability(request.durability)
+        if len(request.blocks) > MAX_BATCH_KEYS:
+            raise InvalidArgumentError(
+                f"{len(request.blocks)} blocks in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
+            )
+        blocks = []
+        limit = self.config.max_value_size
+        total = 0
+        for i, block in enumerate(request.blocks):
+            key = validate_key(block.key, i)
+            value = block.value
+            if len(value) > limit or block.length > limit:
+                raise InvalidArgumentError(
+                    f"block {i} is {max(len(value), block.length)} bytes; the limit is {limit}",
+                    code="VALUE_TOO_LARGE",
+                    index=i,
+                )
+            verify_block(value, block.length, block.checksum, i)
+            blocks.append(BlockIn(ns.prefix + key, value, block.length, block.checksum))
+            total += block.length
+        stored = await self.store.put(ns, blocks, durability)
+        self.metrics.bytes_in.inc(total)
+        self.metrics.blocks_put.inc(stored)
+        return pb.PutResponse(stored=stored)
+
+    def _durability(self, value: int) -> str:
+        if value == pb.DURABILITY_UNSPECIFIED:
+            return self.config.default_durability
+        try:
+            return DURABILITY[value]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"durability {value} is unknown; use MEMORY (1), DISK (2) or SYNC (3)", code="UNKNOWN_DURABILITY"
+            ) from None
+
+    async def get(self, request: pb.GetRequest, context) -> pb.GetResponse:
+        ns = namespace_of(request)
+        keys = storage_keys(ns, request.keys)
+        response = pb.GetResponse()
+        if not keys:
+            return response
+        found = await self.store.get(keys, self.config.max_response_bytes)
+        hits = 0
+        sent = 0
+        for block in found:
+            if block is None:
+                response.results.add(found=False)
+            else:
+                response.results.add(found=True, value=block.value, length=len(block.value), checksum=block.checksum)
+                hits += 1
+                sent += len(block.value)
+        self.metrics.gets.labels("hit").inc(hits)
+        self.metrics.gets.labels("miss").inc(len(found) - hits)
+        self.metrics.bytes_out.inc(sent)
+        return response
+
+    async def exists(self, request: pb.KeysRequest, context) -> pb.ExistsResponse:
+        keys = storage_keys(namespace_of(request), request.keys)
+        return pb.ExistsResponse(exists=await self.store.exists(keys))
+
+    async def lookup_prefix(self, request: pb.KeysRequest, context) -> pb.LookupPrefixResponse:
+        keys = storage_keys(namespace_of(request), request.keys)
+        return pb.LookupPrefixResponse(count=await self.store.lookup_prefix(keys))
+
+    async def delete(self, request: pb.KeysRequest, context) -> pb.DeleteResponse:
+        keys = storage_keys(namespace_of(request), request.keys)
+        return pb.DeleteResponse(deleted=await self.store.delete(keys))
+
+    async def list(self, request: pb.ListRequest, context) -> pb.ListResponse:
+        ns = namespace_of(request)
+        if len(request.prefix) > 1024 or len(request.start_after) > 1024:
+            raise InvalidArgumentError("prefix and start_after are at most 1024 bytes", code="KEY_TOO_LARGE")
+        limit = request.limit or LIST_PAGE
+        if limit > 10 * LIST_PAGE:
+            raise InvalidArgumentError(f"limit {limit} exceeds {10 * LIST_PAGE}", code="BATCH_TOO_LARGE")
+        entries, truncated = await self.store.list(ns, request.prefix, request.start_after, limit)
+        return pb.ListResponse(
+            entries=[pb.ListEntry(key=key, length=length) for key, length in entries], truncated=truncated
+        )
+
+    async def stat(self, request: pb.StatRequest, context) -> pb.StatResponse:
+        ns = namespace_of(request)
+        counters = self.store.namespace_counters(ns)
+        return pb.StatResponse(
+            stats=pb.NamespaceStats(
+                namespace=pb.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
+                blocks=counters.blocks,
+                bytes=counters.bytes,
+            )
+        )

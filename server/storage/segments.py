@@ -1,0 +1,132 @@
+"""Append-only segment files that hold block values (the WiscKey layout).
+
+Values are appended once, with one ``pwritev`` that releases the GIL, and read
+back with ``pread``; RocksDB (disk.py) only indexes them. With RocksDB's own
+blob files every value would be written twice (WAL, then blob file at flush);
+measured here with 1 MiB values, the segment layout writes at the speed of the
+page cache while RocksDB blobs reach about a seventh of it (see README).
+
+Each record is self-describing, so a segment can be verified or garbage
+collected without the index:
+
+    header (40 bytes, little endian)
+      magic "KVB1" | key length u16 | flags u16 | value length u64 |
+      xxh3-64 of value u64 | sequence u64 | crc32 of header and key u32
+    storage key (namespace prefix + user key)
+    value
+
+A new daemon process never appends to an older segment: after a crash the tail
+of the last segment may hold a torn record that no index entry points to.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+MAGIC = b"KVB1"
+HEADER = struct.Struct("<4sHHQQQ")
+HEADER_CRC = struct.Struct("<I")
+HEADER_SIZE = HEADER.size + HEADER_CRC.size
+SUFFIX = ".seg"
+
+
+def encode_header(key: bytes, length: int, checksum: int, seq: int) -> bytes:
+    head = HEADER.pack(MAGIC, len(key), 0, length, checksum, seq)
+    return head + HEADER_CRC.pack(zlib.crc32(key, zlib.crc32(head))) + key
+
+
+class SegmentLog:
+    """Thread-safe appends to the active segment and reads from any segment."""
+
+    def __init__(self, directory: Path, segment_size: int) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segment_size = segment_size
+        self._lock = threading.Lock()
+        self._read_fds: dict[int, int] = {}
+        existing = [int(p.stem) for p in directory.glob(f"*{SUFFIX}") if p.stem.isdigit()]
+        self._active_id = max(existing, default=0)
+        self._active_fd = -1
+        self._active_end = segment_size  # forces a new segment on first append
+        self._unsynced: set[int] = set()
+        self._fds_to_sync: dict[int, int] = {}
+
+    def path(self, segment_id: int) -> Path:
+        return self.directory / f"{segment_id:010d}{SUFFIX}"
+
+    def append(self, key: bytes, value, length: int, checksum: int, seq: int) -> tuple[int, int]:
+        """Write one record; returns (segment id, offset of the value)."""
+        header = encode_header(key, length, checksum, seq)
+        size = len(header) + length
+        with self._lock:
+            if self._active_end + size > self.segment_size and self._active_end > 0:
+                self._roll()
+            segment_id, fd, start = self._active_id, self._active_fd, self._active_end
+            self._active_end += size
+            self._unsynced.add(segment_id)
+            self._fds_to_sync[segment_id] = fd
+        written = os.pwritev(fd, [header, value], start)
+        if written != size:  # pwritev to a regular file is only short on ENOSPC-like failures
+            raise OSError(f"short write to segment {segment_id}: {written} of {size} bytes")
+        return segment_id, start + len(header)
+
+    def sync(self) -> None:
+        """fdatasync every segment written since the last sync."""
+        with self._lock:
+            pending = [(sid, self._fds_to_sync[sid]) for sid in self._unsynced]
+            self._unsynced.clear()
+        for _, fd in pending:
+            os.fdatasync(fd)
+
+    def read(self, segment_id: int, offset: int, length: int) -> bytes:
+        fd = self._read_fds.get(segment_id)
+        if fd is None:
+            with self._lock:
+                fd = self._read_fds.get(segment_id)
+                if fd is None:
+                    fd = os.open(self.path(segment_id), os.O_RDONLY | os.O_CLOEXEC)
+                    self._read_fds[segment_id] = fd
+        data = os.pread(fd, length, offset)
+        return data
+
+    def readinto(self, segment_id: int, offset: int, buffer) -> int:
+        fd = self._read_fds.get(segment_id)
+        if fd is None:
+            self.read(segment_id, offset, 0)
+            fd = self._read_fds[segment_id]
+        return os.preadv(fd, [buffer], offset)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.directory.glob(f"*{SUFFIX}"))
+
+    def _roll(self) -> None:
+        self._active_id += 1
+        self._active_fd = os.open(
+            self.path(self._active_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+        )
+        self._active_end = 0
+        # A new file's directory entry must be durable for "sync" puts to be.
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds = set(self._read_fds.values()) | set(self._fds_to_sync.values())
+            if self._active_fd >= 0:
+                fds.add(self._active_fd)
+            self._read_fds.clear()
+            self._fds_to_sync.clear()
+            self._active_fd = -1
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,329 @@
+"""BlockStore: the daemon's storage API, called by the RPC layer on the event loop.
+
+A put reserves arena room (evicting clean LRU blocks), then on an I/O thread
+copies the value into the arena and appends it to disk, then publishes it in
+the memory index. A get is served from the arena when resident, else read from
+disk, verified against its checksum, and promoted into the arena.
+
+Blocking work (copies, file I/O, RocksDB) runs on a thread pool; the memory
+index is only touched on the loop, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.checksum import checksum as xxh3
+from kvstore.errors import InvalidArgumentError, UnavailableError
+from kvstore.namespace import Namespace
+from kvstore.server.storage.disk import DiskTier, NamespaceCounters
+from kvstore.server.storage.memory import MemoryTier, Resident
+
+log = logging.getLogger("kvstore.server.store")
+
+MEMORY, DISK, SYNC = "memory", "disk", "sync"
+
+
+@dataclass(slots=True)
+class BlockIn:
+    """One validated block of a put."""
+
+    key: bytes  # storage key
+    value: object  # bytes-like
+    length: int
+    checksum: int
+
+
+@dataclass(slots=True)
+class BlockOut:
+    value: bytes
+    checksum: int
+
+
+class _Sequence:
+    """Monotonic write sequence, above every sequence a previous process used."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, time.time_ns())
+        return self._last
+
+
+class BlockStore:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        memory_bytes: int,
+        segment_size: int,
+        sync_window: float,
+        io_threads: int,
+    ) -> None:
+        self.memory = MemoryTier(memory_bytes)
+        self.disk = DiskTier(Path(data_dir), segment_size=segment_size, sync_window=sync_window)
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvstore-io")
+        self._seq = _Sequence()
+        self._writebacks: set[asyncio.Task] = set()
+        self._closed = False
+        self._deletes = 0  # bumped by every delete: stale copies must not be republished
+        self._background: set[asyncio.Task] = set()
+        self.promote_limit = memory_bytes // 8
+
+    async def _run(self, fn, *args):
+        if self._closed:
+            raise UnavailableError("the daemon is shutting down", code="SHUTTING_DOWN")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- put ---------------------------------------------------------------
+
+    async def put(self, ns: Namespace, blocks: list[BlockIn], durability: str) -> int:
+        """Store a validated batch; returns once each block reached ``durability``."""
+        deletes_before = self._deletes
+        seqs = [self._seq.next() for _ in blocks]
+        slots = [self.memory.reserve(block.length) for block in blocks]
+        # "memory" puts that found no arena room are written through to disk instead.
+        to_disk = [durability != MEMORY or slot is None for slot in slots]
+        try:
+            await self._run(self._fill_and_persist, blocks, slots, seqs, to_disk, durability == SYNC)
+        except BaseException:
+            for block, slot in zip(blocks, slots):
+                if slot is not None:
+                    self.memory.release(slot, block.length)
+            raise
+        for block, slot, seq, persisted in zip(blocks, slots, seqs, to_disk):
+            if slot is None:
+                self.memory.remove(block.key)  # an older resident copy is stale now
+                continue
+            if persisted and self._deletes != deletes_before:
+                # A delete ran meanwhile; the disk index alone knows which came last.
+                self.memory.release(slot, block.length)
+                self.memory.remove(block.key)
+                continue
+            entry = self.memory.publish(block.key, slot, block.length, block.checksum, seq, dirty=not persisted)
+            if entry is not None and entry.dirty:
+                self._start_writeback(entry)
+        return len(blocks)
+
+    def _fill_and_persist(self, blocks, slots, seqs, to_disk, sync: bool) -> None:
+        arena = self.memory.arena
+        for block, slot in zip(blocks, slots):
+            if slot is not None:
+                arena.view(slot, block.length)[:] = memoryview(block.value).cast("B")
+        writes = [
+            self.disk.append(block.key, block.value, block.length, block.checksum, seq)
+            for block, seq, persist in zip(blocks, seqs, to_disk)
+            if persist
+        ]
+        self.disk.commit(writes, sync=sync)
+
+    def _start_writeback(self, entry: Resident) -> None:
+        loop = asyncio.get_running_loop()
+        entry.writeback = loop.create_future()
+        task = loop.create_task(self._writeback(entry))
+        self._writebacks.add(task)
+        task.add_done_callback(self._writebacks.discard)
+
+    async def _writeback(self, entry: Resident) -> None:
+        self.memory.pin(entry)
+        try:
+            view = self.memory.arena.view(entry.offset, entry.length)
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.disk.write, [(entry.key, view, entry.length, entry.checksum, entry.seq)], False
+            )
+            self.memory.mark_clean(entry)
+        except Exception:
+            log.exception("write-back of a memory-durability block failed; it stays dirty in memory")
+        finally:
+            self.memory.unpin(entry)
+            entry.writeback.set_result(None)
+
+    # -- get ---------------------------------------------------------------
+
+    async def get(self, keys: list[bytes], budget: int) -> list[BlockOut | None]:
+        """Values for a leading part of ``keys`` whose total size stays within ``budget``
+        (at least one key is always answered)."""
+        results: list[BlockOut | None] = []
+        pinned: list[Resident] = []
+        disk_positions: list[int] = []
+        plan: list[Resident | None] = []
+        for key in keys:
+            entry = self.memory.lookup(key)
+            if entry is not None:
+                self.memory.pin(entry)
+                pinned.append(entry)
+            plan.append(entry)
+        try:
+            results = await self._run(self._read_batch, keys, plan, budget)
+        finally:
+            for entry in pinned:
+                self.memory.unpin(entry)
+        for key, block, entry in zip(keys, results, plan):
+            if entry is None and block is not None and block.length_hint <= self.promote_limit:
+                self._spawn(self._promote(key, block))
+        return [BlockOut(b.value, b.checksum) if b is not None else None for b in results]
+
+    def _read_batch(self, keys, plan, budget):
+        out = []
+        used = 0
+        for key, entry in zip(keys, plan):
+            if out and used >= budget:
+                break
+            if entry is not None:
+                data = bytes(self.memory.arena.view(entry.offset, entry.length))
+                out.append(_Read(data, entry.checksum, entry.length))
+                used += entry.length
+                continue
+            found = self.disk.read(key)
+            if found is None:
+                out.append(None)
+                continue
+            data, record = found
+            out.append(_Read(data, record.checksum, record.length, record.seq))
+            used += record.length
+        return out
+
+    async def _promote(self, key: bytes, block: "_Read") -> None:
+        """Copy a block read from disk into the arena, off the request's path."""
+        if key in self.memory or self._closed:
+            return
+        slot = self.memory.reserve(block.length_hint)
+        if slot is None:
+            return
+        deletes_before = self._deletes
+        view = self.memory.arena.view(slot, block.length_hint)
+        try:
+            await self._run(view.__setitem__, slice(None), block.value)
+        except BaseException:
+            self.memory.release(slot, block.length_hint)
+            raise
+        if self._deletes != deletes_before or key in self.memory:
+            self.memory.release(slot, block.length_hint)
+            return
+        self.memory.publish(key, slot, block.length_hint, block.checksum, block.seq, dirty=False)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- presence ----------------------------------------------------------
+
+    async def exists(self, keys: list[bytes]) -> list[bool]:
+        present = [key in self.memory for key in keys]
+        missing = [key for key, hit in zip(keys, present) if not hit]
+        if missing:
+            on_disk = iter(await self._run(self.disk.contains, missing))
+            present = [hit or next(on_disk) for hit in present]
+        return present
+
+    async def lookup_prefix(self, keys: list[bytes]) -> int:
+        count = 0
+        for start in range(0, len(keys), 64):
+            chunk = keys[start : start + 64]
+            for hit in await self.exists(chunk):
+                if not hit:
+                    return count
+                count += 1
+        return count
+
+    # -- delete, list, namespaces -------------------------------------------
+
+    async def delete(self, keys: list[bytes]) -> int:
+        self._deletes += 1
+        in_memory_only = 0
+        unique = list(dict.fromkeys(keys))
+        for key in unique:
+            entry = self.memory.lookup(key)
+            if entry is not None and entry.writeback is not None and not entry.writeback.done():
+                await entry.writeback  # so a finishing write-back cannot resurrect the key
+            entry = self.memory.lookup(key)
+            if entry is not None and entry.dirty:
+                in_memory_only += 1  # never reached disk, so disk.delete will not count it
+            self.memory.remove(key)
+        on_disk = await self._run(self.disk.delete, unique)
+        return on_disk + in_memory_only
+
+    async def list(self, ns: Namespace, prefix: bytes, start_after: bytes, limit: int):
+        full_prefix = ns.prefix + prefix
+        after = ns.prefix + start_after if start_after else b""
+        entries, truncated = await self._run(self.disk.scan, full_prefix, after, limit)
+        dirty = {
+            e.key: e.length
+            for e in self.memory.dirty_entries()
+            if e.key.startswith(full_prefix) and (not after or e.key > after)
+        }
+        if dirty:
+            merged = dict(entries)
+            merged.update(dirty)
+            ordered = sorted(merged.items())
+            truncated = truncated or len(ordered) > limit
+            entries = ordered[:limit]
+        cut = len(ns.prefix)
+        return [(key[cut:], length) for key, length in entries], truncated
+
+    def namespace_counters(self, ns: Namespace) -> NamespaceCounters:
+        counters = self.disk.namespaces.get(ns.prefix) or NamespaceCounters()
+        dirty = [e for e in self.memory.dirty_entries() if e.key.startswith(ns.prefix)]
+        return NamespaceCounters(
+            counters.blocks + len(dirty), counters.bytes + sum(e.length for e in dirty), counters.created
+        )
+
+    async def drop_namespace(self, ns: Namespace) -> NamespaceCounters:
+        self._deletes += 1
+        counters = self.namespace_counters(ns)
+        for entry in [e for e in self.memory.dirty_entries() if e.key.startswith(ns.prefix)]:
+            if entry.writeback is not None and not entry.writeback.done():
+                await entry.writeback
+        self.memory.remove_prefix(ns.prefix)
+        await self._run(self.disk.drop_namespace, ns)
+        return counters
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Wait for every write-back, then make everything written durable."""
+        while self._writebacks or self._background:
+            await asyncio.gather(*self._writebacks, *self._background, return_exceptions=True)
+        await self._run(self.disk.flush)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        self.disk.close()
+        self.memory.close()
+
+
+@dataclass(slots=True)
+class _Read:
+    value: bytes
+    checksum: int
+    length_hint: int
+    seq: int = 0
+
+
+def verify_block(value, length: int, expected: int, index: int) -> None:
+    """Raise InvalidArgumentError unless ``value`` has ``length`` bytes and checksum ``expected``."""
+    actual_length = len(value)
+    if actual_length != length:
+        raise InvalidArgumentError(
+            f"block {index}: length is {length} but the value has {actual_length} bytes",
+            code="LENGTH_MISMATCH",
+            index=index,
+        )
+    if xxh3(value) != expected:
+        raise InvalidArgumentError(
+            f"block {index}: xxh3-64 checksum {expected:#018x} does not match the value's bytes",
+            code="CHECKSUM_MISMATCH",
+            index=index,
+        )
+
