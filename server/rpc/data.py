@@ -71,7 +71,7 @@ class DataService:
         total = 0
         for i, block in enumerate(request.blocks):
             key = validate_key(block.key, i)
-            value = block.value
+            value = block.value  # upb copies on every access: read it once
             if len(value) > limit or block.length > limit:
                 raise InvalidArgumentError(
                     f"block {i} is {max(len(value), block.length)} bytes; the limit is {limit}",

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,7 @@ class BlockStore:
         try:
             view = self.memory.arena.view(entry.offset, entry.length)
             await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.disk.write, [(entry.key, view, entry.length, entry.checksum, entry.seq)], False
+                self._pool, partial(self.disk.write, [(entry.key, view, entry.length, entry.checksum, entry.seq)], sync=False)
             )
             self.memory.mark_clean(entry)
         except Exception:

@@ -1,0 +1,102 @@
+"""``ClientConfig`` and ``RetryPolicy``: every setting of an SDK client.
+
+Precedence: keyword arguments to ``Client``, then ``KVSTORE_*`` environment
+variables (``KVSTORE_ENDPOINTS``, ``KVSTORE_TENANT``, ``KVSTORE_TIMEOUT`` ...),
+then the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from kvstore.errors import ConfigError
+from kvstore.namespace import DEFAULT_SUBTENANT, DEFAULT_TENANT, validate_name
+from kvstore.settings import merge_layers, size_field
+from kvstore.units import parse_address
+
+DEFAULT_ENDPOINT = "127.0.0.1:7600"
+DURABILITIES = ("memory", "disk", "sync")
+
+
+def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
+    """("host:port", ...) from "h:p", "h1:p1,h2:p2" or a list of those."""
+    if isinstance(endpoints, str):
+        items = endpoints.split(",")
+    else:
+        items = [part for item in endpoints for part in str(item).split(",")]
+    parsed = tuple(item.strip() for item in items if item.strip())
+    if not parsed:
+        raise ConfigError("endpoints: give at least one HOST:PORT")
+    for item in parsed:
+        try:
+            parse_address(item)
+        except ValueError as exc:
+            raise ConfigError(f"endpoints: {exc}") from None
+    return parsed
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a call is retried on a retryable error.
+
+    Defaults fit an inference engine: a couple of quick retries, then the
+    error (or a miss) rather than a stalled batch.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.02  # seconds before the second attempt
+    multiplier: float = 4.0
+    max_backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError("retry.attempts: must be at least 1")
+        if self.backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ConfigError("retry: backoff values must be non-negative and multiplier at least 1")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (1-based; attempt 1 waits 0)."""
+        if attempt <= 1:
+            return 0.0
+        return min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 2))
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
+    tenant: str = DEFAULT_TENANT
+    subtenant: str = DEFAULT_SUBTENANT
+    # Deadline of one RPC, in seconds.
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    default_durability: str = "disk"
+    # Bounds of one RPC; bigger batches are split by the SDK.
+    max_batch_keys: int = 1024
+    max_batch_bytes: int = size_field(32 << 20)
+    # How many RPCs of one split batch run at once.
+    concurrency: int = 4
+    verify_checksums: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))
+        validate_name("tenant", self.tenant)
+        validate_name("subtenant", self.subtenant)
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("timeout and connect_timeout must be positive")
+        if self.default_durability not in DURABILITIES:
+            raise ConfigError(f"default_durability: {self.default_durability!r} is not one of {', '.join(DURABILITIES)}")
+        if self.max_batch_keys < 1 or self.max_batch_bytes < 1:
+            raise ConfigError("max_batch_keys and max_batch_bytes must be positive")
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+
+    @classmethod
+    def load(cls, args: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> "ClientConfig":
+        return merge_layers(cls, args=args or {}, environ=environ if environ is not None else os.environ, file=None)
+
+    def replace(self, **changes: Any) -> "ClientConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,88 @@
+"""``SyncClient``: the blocking facade of ``Client`` for engine worker threads.
+
+One background thread runs an event loop that owns the async client; every
+method submits a coroutine to it and waits, so any number of threads may share
+one SyncClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Sequence
+
+from kvstore.client.api import Client
+
+
+class SyncClient:
+    def __init__(self, endpoints: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-client", daemon=True)
+        self._thread.start()
+        self._client = self._run(self._make(endpoints, kwargs))
+        self.config = self._client.config
+
+    async def _make(self, endpoints, kwargs) -> Client:
+        return Client(endpoints, **kwargs)
+
+    def _run(self, coro):
+        if self._loop.is_closed():
+            coro.close()
+            from kvstore.errors import UnavailableError
+
+            raise UnavailableError("the client is closed", code="SHUTTING_DOWN")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> "SyncClient":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        self._run(self._client.connect())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def put(self, key: bytes, value, durability: str | None = None) -> None:
+        return self._run(self._client.put(key, value, durability))
+
+    def put_many(self, items, durability: str | None = None) -> int:
+        return self._run(self._client.put_many(items, durability))
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._run(self._client.get(key))
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return self._run(self._client.get_many(keys))
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._run(self._client.exists(keys))
+
+    def lookup_prefix(self, keys: Sequence[bytes]) -> int:
+        return self._run(self._client.lookup_prefix(keys))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return self._run(self._client.delete(keys))
+
+    def list(self, prefix: bytes = b"", *, limit: int | None = None) -> list[tuple[bytes, int]]:
+        return self._run(self._client.list(prefix, limit=limit))
+
+    def stat(self) -> dict:
+        return self._run(self._client.stat())
+
+    def server_stats(self) -> dict:
+        return self._run(self._client.server_stats())
+
+    def namespaces(self, tenant: str = "") -> list[dict]:
+        return self._run(self._client.namespaces(tenant))
+
+    def drop_namespace(self) -> dict:
+        return self._run(self._client.drop_namespace())

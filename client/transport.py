@@ -1,0 +1,77 @@
+"""gRPC channels to daemons, and the one place where gRPC failures become
+``kvstore.errors`` exceptions (``translate``)."""
+
+from __future__ import annotations
+
+import grpc
+
+from kvstore import errors
+from kvstore._proto.v1 import admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2_grpc, errors_pb2
+
+ERROR_DETAIL_KEY = "kvstore-error-bin"
+
+_BY_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidArgumentError,
+    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
+    grpc.StatusCode.CANCELLED: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDeniedError,
+    grpc.StatusCode.DATA_LOSS: errors.DataCorruptionError,
+}
+
+
+def translate(exc: grpc.RpcError, endpoint: str) -> errors.KVStoreError:
+    """The kvstore exception for a failed call, with the daemon's ErrorDetail if it sent one."""
+    status = exc.code()
+    message = exc.details() or status.name
+    code = None
+    index = -1
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_DETAIL_KEY:
+            detail = errors_pb2.ErrorDetail.FromString(value)
+            code = errors_pb2.ErrorCode.Name(detail.code) if detail.code else None
+            index = detail.index
+            message = detail.message or message
+    cls = _BY_STATUS.get(status, errors.InternalError)
+    if cls is errors.UnavailableError and code is None:
+        code = "ERROR_CODE_UNSPECIFIED"
+    return cls(f"{message} [{status.name} from {endpoint}]", code=code, index=index)
+
+
+class Connection:
+    """One channel to one daemon with its service stubs and the limits it announced."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.channel = grpc.aio.insecure_channel(
+            endpoint,
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        self.data = data_pb2_grpc.DataStub(self.channel)
+        self.cluster = cluster_pb2_grpc.ClusterStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        self.hello: cluster_pb2.HelloResponse | None = None
+
+    async def handshake(self, client_id: str, timeout: float) -> cluster_pb2.HelloResponse:
+        from kvstore import __version__
+
+        try:
+            self.hello = await self.cluster.Hello(
+                cluster_pb2.HelloRequest(client_id=client_id, client_version=__version__),
+                timeout=timeout,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as exc:
+            raise translate(exc, self.endpoint) from None
+        return self.hello
+
+    async def close(self) -> None:
+        await self.channel.close()
