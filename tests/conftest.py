@@ -1,0 +1,165 @@
+"""Shared fixtures: real daemons, in-process on port 0 (integration) or as
+subprocesses (fault tests), and a fresh namespace per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvstore.server.config import ServerConfig
+from kvstore.server.daemon import Daemon
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run the long soak/fault forms")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long soak or benchmark forms, run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="long form: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+class ThreadedDaemon:
+    """A real daemon serving from its own event loop in a background thread,
+    so sync clients, CLI calls and async tests can all use it."""
+
+    def __init__(self, data_dir: Path, **settings) -> None:
+        self.config = ServerConfig(listen="127.0.0.1:0", data_dir=str(data_dir), **settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-daemon", daemon=True)
+        self.thread.start()
+        self.daemon = self._call(Daemon(self.config).start())
+        self.address = self.daemon.address
+
+    def _call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def store(self):
+        return self.daemon.store
+
+    def stop(self) -> None:
+        self._call(self.daemon.stop(grace=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory):
+    """One in-process daemon shared by the integration tests (namespaces keep them apart)."""
+    d = ThreadedDaemon(tmp_path_factory.mktemp("daemon"), memory=256 << 20, max_value_size=96 << 20)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def fresh_daemon(tmp_path):
+    """A daemon of this test's own, for tests that look at daemon-wide state."""
+    d = ThreadedDaemon(tmp_path / "data", memory=64 << 20)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A tenant name no other test uses."""
+    return "t-" + uuid.uuid4().hex[:12]
+
+
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+class DaemonProcess:
+    """``kvstore-server`` as a subprocess on a free port, for kill -9 and restart tests."""
+
+    def __init__(self, data_dir: Path, *extra: str, port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.extra = extra
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self.log: list[str] = []
+
+    def start(self, timeout: float = 30) -> "DaemonProcess":
+        cmd = [
+            sys.executable, "-m", "kvstore.server",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--data-dir", str(self.data_dir),
+            *self.extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            match = LISTENING.search(line)
+            if match:
+                self.address = match.group(1)
+                self.port = int(self.address.rsplit(":", 1)[1])  # restarts reuse the port
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
+        raise RuntimeError("kvstore-server did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemon_process(tmp_path):
+    """Factory of subprocess daemons, all killed at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def make(*extra: str, data_dir: Path | None = None) -> DaemonProcess:
+        proc = DaemonProcess(data_dir or tmp_path / f"data{len(started)}", *extra)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+def kvstore_cli(*args: str, input: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the ``kvstore`` CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.client.cli", *args],
+        input=input,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
