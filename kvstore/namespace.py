@@ -37,12 +37,9 @@ def validate_key(key, index: int = -1) -> bytes:
     if isinstance(key, str):
         raise InvalidArgumentError(f"key {index} is a str; keys are bytes", code="INVALID_ARGUMENT", index=index)
     if not isinstance(key, bytes):
-        try:
-            key = bytes(key)
-        except TypeError:
-            raise InvalidArgumentError(
-                f"key {index} has type {type(key).__name__}; keys are bytes", index=index
-            ) from None
+        if not isinstance(key, (bytearray, memoryview)):
+            raise InvalidArgumentError(f"key {index} has type {type(key).__name__}; keys are bytes", index=index)
+        key = bytes(key)
     if not key:
         raise InvalidArgumentError(f"key {index} is empty", code="EMPTY_KEY", index=index)
     if len(key) > MAX_KEY_BYTES:

@@ -50,8 +50,9 @@ def read_env(fields: set[str], environ: Mapping[str, str] | None = None) -> dict
 def merge_layers(cls, *, args: Mapping[str, Any], environ: Mapping[str, str] | None, file: str | None):
     """Build ``cls`` from args over env over file over defaults."""
     names = {f.name for f in dataclasses.fields(cls)}
-    env = read_env(names, environ)
+    env = read_env(names | {"config"}, environ)
     file = file or env.pop("config", None)
+    env.pop("config", None)
     layers: dict[str, Any] = {}
     if file:
         from_file = read_yaml(file)
