@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -43,6 +42,7 @@ class ServerConfig:
     # Largest Get response; more keys are answered in follow-up calls.
     max_response_bytes: int = size_field(64 << 20)
     drain_seconds: float = 10.0
+    # Name in the cluster; empty means HOSTNAME-PORT once the port is bound.
     node_id: str = ""
     log_level: str = "INFO"
 
@@ -80,8 +80,6 @@ class ServerConfig:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         fix("log_level", self.log_level.upper())
-        if not self.node_id:
-            fix("node_id", f"{socket.gethostname()}-{parse_address(self.listen)[1]}")
 
     @property
     def max_message_bytes(self) -> int:

@@ -5,6 +5,7 @@ in-process on port 0."""
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import grpc
@@ -68,6 +69,8 @@ class Daemon:
         except RuntimeError as exc:
             await self.store.close()
             raise ConfigError(f"listen: cannot bind {config.listen}: {exc}") from None
+        if not config.node_id:
+            config = self.config = config.replace(node_id=f"{socket.gethostname()}-{self.port}")
         data = DataService(self.store, config, self.metrics)
         cluster = ClusterService(config, self.metrics, self.address)
         admin = AdminService(self.store, config, self.metrics, self.address)

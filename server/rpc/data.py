@@ -62,13 +62,20 @@ class DataService:
     async def put(self, request: pb.PutRequest, context) -> pb.PutResponse:
         ns = namespace_of(request)
         durability = self._durability(request.durability)
+        # Extracting and checksumming inline values copies them: off the loop.
+        blocks = await self.store.offload(self._validated_blocks, ns, request)
+        stored = await self.store.put(ns, blocks, durability)
+        self.metrics.bytes_in.inc(sum(b.length for b in blocks))
+        self.metrics.blocks_put.inc(stored)
+        return pb.PutResponse(stored=stored)
+
+    def _validated_blocks(self, ns: Namespace, request: pb.PutRequest) -> list[BlockIn]:
         if len(request.blocks) > MAX_BATCH_KEYS:
             raise InvalidArgumentError(
                 f"{len(request.blocks)} blocks in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
             )
-        blocks = []
         limit = self.config.max_value_size
-        total = 0
+        blocks = []
         for i, block in enumerate(request.blocks):
             key = validate_key(block.key, i)
             value = block.value  # upb copies on every access: read it once
@@ -80,11 +87,7 @@ class DataService:
                 )
             verify_block(value, block.length, block.checksum, i)
             blocks.append(BlockIn(ns.prefix + key, value, block.length, block.checksum))
-            total += block.length
-        stored = await self.store.put(ns, blocks, durability)
-        self.metrics.bytes_in.inc(total)
-        self.metrics.blocks_put.inc(stored)
-        return pb.PutResponse(stored=stored)
+        return blocks
 
     def _durability(self, value: int) -> str:
         if value == pb.DURABILITY_UNSPECIFIED:
@@ -103,19 +106,12 @@ class DataService:
         if not keys:
             return response
         found = await self.store.get(keys, self.config.max_response_bytes)
-        hits = 0
-        sent = 0
-        for block in found:
-            if block is None:
-                response.results.add(found=False)
-            else:
-                response.results.add(found=True, value=block.value, length=len(block.value), checksum=block.checksum)
-                hits += 1
-                sent += len(block.value)
+        hits = sum(1 for block in found if block is not None)
         self.metrics.gets.labels("hit").inc(hits)
         self.metrics.gets.labels("miss").inc(len(found) - hits)
-        self.metrics.bytes_out.inc(sent)
-        return response
+        self.metrics.bytes_out.inc(sum(len(block.value) for block in found if block is not None))
+        # Building and serialising the response copies every value: off the loop.
+        return await self.store.offload(_serialized_get_response, found)
 
     async def exists(self, request: pb.KeysRequest, context) -> pb.ExistsResponse:
         keys = storage_keys(namespace_of(request), request.keys)
@@ -151,3 +147,13 @@ class DataService:
                 bytes=counters.bytes,
             )
         )
+
+
+def _serialized_get_response(found) -> bytes:
+    response = pb.GetResponse()
+    for block in found:
+        if block is None:
+            response.results.add(found=False)
+        else:
+            response.results.add(found=True, value=block.value, length=len(block.value), checksum=block.checksum)
+    return response.SerializeToString()

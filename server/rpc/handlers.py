@@ -74,8 +74,9 @@ def service(name: str, methods: dict[str, tuple[type[Message], Handler]], metric
     return grpc.method_handlers_generic_handler(f"kvstore.v1.{name}", handlers)
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+def _serialize(message: Message | bytes) -> bytes:
+    # Handlers with large responses serialise them off the event loop themselves.
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _wrap(label: str, request_type: type[Message], handler: Handler, metrics: Metrics):

@@ -32,7 +32,7 @@ from pathlib import Path
 import rocksdict
 
 from kvstore.checksum import checksum as xxh3
-from kvstore.errors import ResourceExhaustedError, InternalError
+from kvstore.errors import ConfigError, InternalError, ResourceExhaustedError
 from kvstore.namespace import Namespace, range_end
 from kvstore.server.storage.segments import SegmentLog
 
@@ -100,9 +100,14 @@ class DiskTier:
         options.create_missing_column_families(True)
         options.set_paranoid_checks(True)
         ns_options = rocksdict.Options(raw_mode=True)
-        self._db = rocksdict.Rdict(
-            str(self.data_dir / INDEX_DIR), options, column_families={"ns": ns_options}
-        )
+        try:
+            self._db = rocksdict.Rdict(
+                str(self.data_dir / INDEX_DIR), options, column_families={"ns": ns_options}
+            )
+        except Exception as exc:  # rocksdict raises plain exceptions carrying RocksDB's status
+            if "lock" in str(exc).lower():
+                raise ConfigError(f"data_dir: {self.data_dir} is in use by another kvstore-server") from None
+            raise InternalError(f"cannot open the index in {self.data_dir}: {exc}", code="STORAGE_FAILURE") from exc
         self._ns_cf = self._db.get_column_family_handle("ns")
         self._ns_view = self._db.get_column_family("ns")
         self._async_write = rocksdict.WriteOptions()
@@ -327,7 +332,10 @@ class DiskTier:
         try:
             self.flush()
         finally:
+            # Column-family views hold the database open; drop them so the LOCK is released.
+            del self._ns_view, self._ns_cf
             self._db.close()
+            del self._db
             self.segments.close()
 
 

@@ -77,6 +77,10 @@ class BlockStore:
         self._background: set[asyncio.Task] = set()
         self.promote_limit = memory_bytes // 8
 
+    async def offload(self, fn, *args):
+        """Run blocking work (copies, checksums, serialisation) on the I/O pool."""
+        return await self._run(fn, *args)
+
     async def _run(self, fn, *args):
         if self._closed:
             raise UnavailableError("the daemon is shutting down", code="SHUTTING_DOWN")
