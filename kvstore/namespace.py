@@ -25,8 +25,9 @@ _NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def validate_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = name[:64] + "..." if isinstance(name, str) and len(name) > 64 else name
         raise InvalidArgumentError(
-            f"{kind} {name!r} is invalid: use 1-{MAX_NAME_CHARS} characters of [A-Za-z0-9._:-]",
+            f"{kind} {shown!r} is invalid: use 1-{MAX_NAME_CHARS} characters of [A-Za-z0-9._:-]",
             code="INVALID_NAMESPACE",
         )
     return name

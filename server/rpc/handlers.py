@@ -23,6 +23,8 @@ from kvstore.server.rpc.status import status_of, trailing_metadata
 
 log = logging.getLogger("kvstore.server.rpc")
 
+MAX_ERROR_MESSAGE = 1024
+
 Handler = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
@@ -89,6 +91,8 @@ def _wrap(label: str, request_type: type[Message], handler: Handler, metrics: Me
             request = parse_strict(request_type, raw)
             response = await handler(request, context)
         except errors.KVStoreError as exc:
+            if len(exc.message) > MAX_ERROR_MESSAGE:  # metadata beyond ~16 KiB breaks the reply
+                exc.message = exc.message[:MAX_ERROR_MESSAGE] + "..."
             code = status_of(exc)
             requests.labels(label, code.name).inc()
             context.set_trailing_metadata(trailing_metadata(exc))

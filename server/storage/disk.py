@@ -204,7 +204,7 @@ class DiskTier:
 
     def scan(self, prefix: bytes, start_after: bytes, limit: int) -> tuple[list[tuple[bytes, int]], bool]:
         """Up to ``limit`` (storage key, length) pairs after ``start_after`` within ``prefix``."""
-        begin = start_after + b"\x00" if start_after else prefix
+        begin = max(prefix, start_after + b"\x00") if start_after else prefix
         upper = range_end(prefix)
         out: list[tuple[bytes, int]] = []
         it = self._db.iter()
@@ -291,6 +291,21 @@ class DiskTier:
         with self._lock:
             items = list(self.namespaces.items())
         return sorted(((Namespace.from_prefix(p)[0], c) for p, c in items), key=lambda x: str(x[0]))
+
+    def counters_with(self, prefix: bytes, dirty: list) -> NamespaceCounters:
+        """A namespace's counters as of one moment, including blocks that are only in
+        memory (``dirty`` entries with key, length and seq) or newer there than on disk."""
+        with self._lock:
+            counters = self.namespaces.get(prefix) or NamespaceCounters()
+            blocks, nbytes = counters.blocks, counters.bytes
+            for entry in dirty:
+                on_disk = self._record(entry.key)
+                if on_disk is None:
+                    blocks, nbytes = blocks + 1, nbytes + entry.length
+                elif on_disk.seq < entry.seq:
+                    nbytes += entry.length - on_disk.length
+                # else: already written back, and counted
+        return NamespaceCounters(blocks, nbytes, counters.created)
 
     def totals(self) -> tuple[int, int]:
         with self._lock:

@@ -37,6 +37,7 @@ class MemoryTier:
         self.max_block = int(capacity * max_block_fraction)
         self._index: dict[bytes, Resident] = {}
         self._lru: OrderedDict[bytes, Resident] = OrderedDict()  # clean, unpinned
+        self._dirty: dict[bytes, Resident] = {}
         self.bytes = 0
         self.dirty_bytes = 0
         self.evictions = 0
@@ -78,6 +79,7 @@ class MemoryTier:
         self.bytes += length
         if dirty:
             self.dirty_bytes += length
+            self._dirty[key] = entry
         else:
             self._lru[key] = entry
         return entry
@@ -86,6 +88,7 @@ class MemoryTier:
         if entry.dirty and not entry.retired:
             entry.dirty = False
             self.dirty_bytes -= entry.length
+            del self._dirty[entry.key]
             if entry.pins == 0:
                 self._lru[entry.key] = entry
 
@@ -129,7 +132,7 @@ class MemoryTier:
         return [key for key in self._index if key.startswith(prefix)]
 
     def dirty_entries(self) -> list[Resident]:
-        return [entry for entry in self._index.values() if entry.dirty]
+        return list(self._dirty.values())
 
     def _drop(self, entry: Resident) -> None:
         del self._index[entry.key]
@@ -138,6 +141,7 @@ class MemoryTier:
         if entry.dirty:
             self.dirty_bytes -= entry.length
             entry.dirty = False
+            del self._dirty[entry.key]
         entry.retired = True
         if entry.pins == 0:
             self.arena.free(entry.offset, entry.length)
@@ -145,4 +149,5 @@ class MemoryTier:
     def close(self) -> None:
         self._index.clear()
         self._lru.clear()
+        self._dirty.clear()
         self.arena.close()

@@ -274,11 +274,8 @@ class BlockStore:
         return [(key[cut:], length) for key, length in entries], truncated
 
     def namespace_counters(self, ns: Namespace) -> NamespaceCounters:
-        counters = self.disk.namespaces.get(ns.prefix) or NamespaceCounters()
         dirty = [e for e in self.memory.dirty_entries() if e.key.startswith(ns.prefix)]
-        return NamespaceCounters(
-            counters.blocks + len(dirty), counters.bytes + sum(e.length for e in dirty), counters.created
-        )
+        return self.disk.counters_with(ns.prefix, dirty)
 
     async def drop_namespace(self, ns: Namespace) -> NamespaceCounters:
         self._deletes += 1
