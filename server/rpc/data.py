@@ -12,6 +12,7 @@ from kvstore.namespace import Namespace, validate_key
 from kvstore.server.config import ServerConfig
 from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.handlers import service
+from kvstore.server.rpc.wire import encode_get_response
 from kvstore.server.storage.store import BlockIn, BlockStore, verify_block
 
 DURABILITY = {
@@ -110,8 +111,8 @@ class DataService:
         self.metrics.gets.labels("hit").inc(hits)
         self.metrics.gets.labels("miss").inc(len(found) - hits)
         self.metrics.bytes_out.inc(sum(len(block.value) for block in found if block is not None))
-        # Building and serialising the response copies every value: off the loop.
-        return await self.store.offload(_serialized_get_response, found)
+        # Serialising the response copies every value: off the loop.
+        return await self.store.offload(encode_get_response, found)
 
     async def exists(self, request: pb.KeysRequest, context) -> pb.ExistsResponse:
         keys = storage_keys(namespace_of(request), request.keys)
@@ -148,12 +149,3 @@ class DataService:
             )
         )
 
-
-def _serialized_get_response(found) -> bytes:
-    response = pb.GetResponse()
-    for block in found:
-        if block is None:
-            response.results.add(found=False)
-        else:
-            response.results.add(found=True, value=block.value, length=len(block.value), checksum=block.checksum)
-    return response.SerializeToString()
