@@ -109,18 +109,18 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     daemon_status = None
     try:
         with Progress(total, enabled=not args.no_progress) as progress:
-            measured = {}
-            for size in sizes:
-                label = report.size_label(size)
-                progress.stage(f"{label} memcpy")
-                copy = limits.memcpy(size, blocks[size], repeats=repeats, progress=progress)
-                progress.stage(f"{label} loopback TCP")
-                tcp = limits.tcp_loopback(size, blocks[size], repeats=repeats, progress=progress)
-                measured[size] = [copy, tcp]
-
+            # The daemon starts first so that a bad setting fails the run at once; it idles during the limits.
             progress.stage("starting kvstore-server")
             daemon = Daemon(data_dir, memory).start()
             try:
+                measured = {}
+                for size in sizes:
+                    label = report.size_label(size)
+                    progress.stage(f"{label} memcpy")
+                    copy = limits.memcpy(size, blocks[size], repeats=repeats, progress=progress)
+                    progress.stage(f"{label} loopback TCP")
+                    tcp = limits.tcp_loopback(size, blocks[size], repeats=repeats, progress=progress)
+                    measured[size] = [copy, tcp]
                 runs = asyncio.run(run_sizes(daemon.address, sizes, blocks, batch=args.batch, progress=progress))
             except KVStoreError as exc:
                 raise BenchError(f"{type(exc).__name__}: {exc}\n--- kvstore-server log ---\n{daemon.log_tail()}") from exc

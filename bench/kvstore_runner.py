@@ -71,8 +71,10 @@ class Daemon:
         self._drain = threading.Thread(target=self._read_stderr, name="bench-daemon-log", daemon=True)
         self._drain.start()
         if not self._ready.wait(timeout) or not self.address:
+            exited = self._proc.poll()
             self.stop(timeout=5)
-            raise BenchError(f"kvstore-server did not start within {timeout:.0f}s:\n{self.log_tail()}")
+            why = f"exited with status {exited}" if exited is not None else f"was not listening after {timeout:.0f} s"
+            raise BenchError(f"kvstore-server {why}:\n{self.log_tail()}")
         return self
 
     def _read_stderr(self) -> None:
@@ -169,10 +171,21 @@ async def timed_gets(kv, keys: list[bytes], values: Values, batch: int, progress
                 raise BenchError(f"get missed {key!r}, which was just put")
             if len(value) != size:
                 raise BenchError(f"get returned {len(value)} bytes for {key!r}; {size} were put")
-            if value != values.for_key(key, start + j):
-                raise BenchError(f"get returned different bytes for {key!r} (starting {bytes(value[:KEY_FIELD])!r})")
+            expected = values.for_key(key, start + j)
+            if value != expected:
+                raise BenchError(f"get returned different bytes for {key!r}: {describe_mismatch(value, expected)}")
         progress.advance(len(chunk) * size)
     return Result("get", size, len(keys), sum(latencies), latencies)
+
+
+def describe_mismatch(got: bytes, expected: bytes) -> str:
+    """Where two equal-length values first differ, and whose block ``got`` is if it is another key's."""
+    differ = np.flatnonzero(np.frombuffer(got, dtype=np.uint8) != np.frombuffer(expected, dtype=np.uint8))
+    where = f"first difference at byte {differ[0]} of {len(expected)}, {len(differ)} bytes differ"
+    owner = bytes(got[:KEY_FIELD]).rstrip(b"\0")
+    if differ[0] < KEY_FIELD and owner.startswith(b"bench/"):
+        where += f"; it is the block of {owner!r}"
+    return where
 
 
 async def wait_for_disk_blocks(kv, expected: int, timeout: float) -> float | None:

@@ -115,8 +115,12 @@ def run(args, client: SyncClient) -> int:
             print(f"kvstore: {show_key(key)}: not found", file=sys.stderr)
             return EXIT_MISS
         if args.output:
-            with open(args.output, "wb") as f:
-                f.write(value)
+            try:
+                with open(args.output, "wb") as f:
+                    f.write(value)
+            except OSError as exc:
+                print(f"kvstore: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+                return EXIT_ERROR
             emit(args, {"key": show_key(key), "found": True, "bytes": len(value), "output": args.output},
                  f"wrote {len(value)} bytes to {args.output}")
         elif args.json:

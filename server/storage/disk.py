@@ -190,17 +190,16 @@ class DiskTier:
         if record is None:
             return None
         try:
-            data = self.segments.read(record.segment, record.offset, record.length)
+            found = self.segments.read_record(record.segment, record.offset, key, record.length)
+        except FileNotFoundError:
+            found = None
         except OSError as exc:
-            if isinstance(exc, FileNotFoundError):
-                data = b""
-            else:
-                raise _storage_error("reading a segment", exc) from exc
-        if len(data) != record.length or xxh3(data) != record.checksum:
-            self._count_corrupt(key, f"checksum mismatch in segment {record.segment}")
+            raise _storage_error("reading a segment", exc) from exc
+        if found is None or found[:2] != (record.checksum, record.seq) or xxh3(found[2]) != record.checksum:
+            self._count_corrupt(key, f"damaged record in segment {record.segment}")
             self._forget(key, record)
             return None
-        return data, record
+        return found[2], record
 
     def scan(self, prefix: bytes, start_after: bytes, limit: int) -> tuple[list[tuple[bytes, int]], bool]:
         """Up to ``limit`` (storage key, length) pairs after ``start_after`` within ``prefix``."""

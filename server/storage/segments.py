@@ -9,7 +9,7 @@ page cache while RocksDB blobs reach about a seventh of it (see README).
 Each record is self-describing, so a segment can be verified or garbage
 collected without the index:
 
-    header (40 bytes, little endian)
+    header (36 bytes, little endian)
       magic "KVB1" | key length u16 | flags u16 | value length u64 |
       xxh3-64 of value u64 | sequence u64 | crc32 of header and key u32
     storage key (namespace prefix + user key)
@@ -92,6 +92,28 @@ class SegmentLog:
                     self._read_fds[segment_id] = fd
         data = os.pread(fd, length, offset)
         return data
+
+    def read_record(self, segment_id: int, value_offset: int, key: bytes, length: int):
+        """(checksum, seq, value) of the record whose value starts at ``value_offset``,
+        or None when its header or stored key does not match what the index expects."""
+        start = value_offset - HEADER_SIZE - len(key)
+        if start < 0:
+            return None
+        raw = self.read(segment_id, start, HEADER_SIZE + len(key) + length)
+        end = HEADER_SIZE + len(key)
+        if len(raw) != end + length:
+            return None
+        magic, key_len, _flags, value_len, checksum, seq = HEADER.unpack_from(raw)
+        (crc,) = HEADER_CRC.unpack_from(raw, HEADER.size)
+        if (
+            magic != MAGIC
+            or key_len != len(key)
+            or value_len != length
+            or raw[HEADER_SIZE:end] != key
+            or crc != zlib.crc32(raw[HEADER_SIZE:end], zlib.crc32(raw[: HEADER.size]))
+        ):
+            return None
+        return checksum, seq, memoryview(raw)[end:]
 
     def readinto(self, segment_id: int, offset: int, buffer) -> int:
         fd = self._read_fds.get(segment_id)
