@@ -74,16 +74,20 @@ def _size(parser: argparse.ArgumentParser, flag: str, text: str) -> int:
         parser.error(f"{flag}: {exc}")
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    sizes = [_size(parser, "--sizes", part) for part in args.sizes.split(",") if part.strip()]
+    sizes = list(dict.fromkeys(_size(parser, "--sizes", part) for part in args.sizes.split(",") if part.strip()))
     if not sizes:
         parser.error("--sizes: give at least one block size")
     for size in sizes:
         if not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE:
             parser.error(f"--sizes: {size} bytes is outside {MIN_BLOCK_SIZE} B .. 256 MiB")
     volume = _size(parser, "--volume", args.volume) if args.volume else (QUICK_VOLUME if args.quick else VOLUME)
-    min_calls = args.min_calls or (QUICK_MIN_CALLS if args.quick else MIN_CALLS)
-    repeats = args.repeats or REPEATS
+    min_calls = _default(args.min_calls, QUICK_MIN_CALLS if args.quick else MIN_CALLS)
+    repeats = _default(args.repeats, REPEATS)
     memory = _size(parser, "--daemon-memory", args.daemon_memory)
     if args.batch < 1 or min_calls < 1 or repeats < 1 or volume < 1:
         parser.error("--batch, --min-calls, --repeats and --volume must be positive")
@@ -146,7 +150,7 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def run_storage(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     value_size = _size(parser, "--value-size", args.value_size)
-    repeats = args.repeats or STORAGE_REPEATS
+    repeats = _default(args.repeats, STORAGE_REPEATS)
     if args.count < 1 or value_size < 1 or repeats < 1:
         parser.error("--count, --value-size and --repeats must be positive")
     parent = Path(args.dir) if args.dir else Path(tempfile.gettempdir())

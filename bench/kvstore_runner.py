@@ -88,9 +88,6 @@ class Daemon:
                     self._ready.set()
         self._ready.set()  # the daemon exited; start() reports it
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def stop(self, timeout: float = 120) -> int | None:
         """SIGTERM, then wait for the drain (it flushes write-backs); SIGKILL past ``timeout``."""
         proc = self._proc
@@ -181,7 +178,7 @@ async def timed_gets(kv, keys: list[bytes], values: Values, batch: int, progress
 def describe_mismatch(got: bytes, expected: bytes) -> str:
     """Where two equal-length values first differ, and whose block ``got`` is if it is another key's."""
     differ = np.flatnonzero(np.frombuffer(got, dtype=np.uint8) != np.frombuffer(expected, dtype=np.uint8))
-    where = f"first difference at byte {differ[0]} of {len(expected)}, {len(differ)} bytes differ"
+    where = f"first difference at byte {differ[0]} of {len(expected)}, {len(differ)} differing bytes"
     owner = bytes(got[:KEY_FIELD]).rstrip(b"\0")
     if differ[0] < KEY_FIELD and owner.startswith(b"bench/"):
         where += f"; it is the block of {owner!r}"
@@ -227,21 +224,24 @@ async def run_size(kv, block_size: int, blocks: int, *, batch: int, progress: Pr
     if waited is None:
         notes.append("put (memory): the write-back to disk had not finished 300 s after the last put; it overlapped the get case.")
     else:
-        notes.append(f"put (memory): acknowledged from the memory tier; the write-back to disk finished {waited:.2f} s after the last put, before the get case.")
+        notes.append(
+            "put (memory): acknowledged from the memory tier; the write-back to disk finished "
+            f"{waited:.2f} s after the last put, before the get case."
+        )
 
     stats = await kv.server_stats()
     memory = stats["tiers"]["memory"]
     evicted = stats["evictions"] - before["evictions"]
     resident = (
-        f"the memory tier held {memory['blocks']} blocks ({size_label(memory['bytes'])} of {size_label(memory['capacity_bytes'])})"
+        f"the memory tier held {memory['blocks']} blocks "
+        f"({size_label(memory['bytes'])} of {size_label(memory['capacity_bytes'])})"
     )
     if evicted == 0 and memory["blocks"] >= before["tiers"]["memory"]["blocks"] + written:
         notes.append(f"get: {resident} with no evictions, so every get was served from memory.")
     else:
         notes.append(f"get: {resident} after {evicted} evictions, so some gets read from disk.")
 
-    batch_bytes = batch * block_size
-    if batch_bytes > kv.config.max_batch_bytes:
+    if batch * block_size >= kv.config.max_batch_bytes:
         notes.append(
             f"put: each call of {batch} × {label} is split by the SDK into RPCs of at most "
             f"{size_label(kv.config.max_batch_bytes)} (max_batch_bytes), up to {kv.config.concurrency} in flight."

@@ -90,6 +90,8 @@ class Arena:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        # Not MAP_POPULATE: measured here, pre-faulting made later copies into the
+        # arena four times slower than faulting pages (as huge pages) on first touch.
         self._map = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.buffer = memoryview(self._map)
         self.allocator = ExtentAllocator(capacity)
