@@ -50,10 +50,11 @@ class SegmentLog:
         self._read_fds: dict[int, int] = {}
         existing = [int(p.stem) for p in directory.glob(f"*{SUFFIX}") if p.stem.isdigit()]
         self._active_id = max(existing, default=0)
-        self._active_fd = -1
         self._active_end = segment_size  # forces a new segment on first append
+        # Write descriptors: segment id -> [fd, appends in flight]. Only the active
+        # segment's stays open once its last append finished.
+        self._writers: dict[int, list[int]] = {}
         self._unsynced: set[int] = set()
-        self._fds_to_sync: dict[int, int] = {}
 
     def path(self, segment_id: int) -> Path:
         return self.directory / f"{segment_id:010d}{SUFFIX}"
@@ -65,11 +66,18 @@ class SegmentLog:
         with self._lock:
             if self._active_end + size > self.segment_size and self._active_end > 0:
                 self._roll()
-            segment_id, fd, start = self._active_id, self._active_fd, self._active_end
+            segment_id, start = self._active_id, self._active_end
+            writer = self._writers[segment_id]
+            writer[1] += 1
             self._active_end += size
             self._unsynced.add(segment_id)
-            self._fds_to_sync[segment_id] = fd
-        written = os.pwritev(fd, [header, value], start)
+        try:
+            written = os.pwritev(writer[0], [header, value], start)
+        finally:
+            with self._lock:
+                writer[1] -= 1
+                if segment_id != self._active_id and writer[1] == 0:
+                    self._close_writer(segment_id)
         if written != size:  # pwritev to a regular file is only short on ENOSPC-like failures
             raise OSError(f"short write to segment {segment_id}: {written} of {size} bytes")
         return segment_id, start + len(header)
@@ -77,10 +85,14 @@ class SegmentLog:
     def sync(self) -> None:
         """fdatasync every segment written since the last sync."""
         with self._lock:
-            pending = [(sid, self._fds_to_sync[sid]) for sid in self._unsynced]
-            self._unsynced.clear()
-        for _, fd in pending:
-            os.fdatasync(fd)
+            pending, self._unsynced = self._unsynced, set()
+        for segment_id in pending:
+            # Any descriptor of the file flushes its pages; a writer may be closed by now.
+            fd = os.open(self.path(segment_id), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def read(self, segment_id: int, offset: int, length: int) -> bytes:
         fd = self._read_fds.get(segment_id)
@@ -127,11 +139,13 @@ class SegmentLog:
         return sum(p.stat().st_size for p in self.directory.glob(f"*{SUFFIX}"))
 
     def _roll(self) -> None:
+        previous = self._active_id
         self._active_id += 1
-        self._active_fd = os.open(
-            self.path(self._active_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-        )
+        fd = os.open(self.path(self._active_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._writers[self._active_id] = [fd, 0]
         self._active_end = 0
+        if previous in self._writers and self._writers[previous][1] == 0:
+            self._close_writer(previous)
         # A new file's directory entry must be durable for "sync" puts to be.
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
@@ -139,14 +153,14 @@ class SegmentLog:
         finally:
             os.close(dir_fd)
 
+    def _close_writer(self, segment_id: int) -> None:
+        os.close(self._writers.pop(segment_id)[0])
+
     def close(self) -> None:
         with self._lock:
-            fds = set(self._read_fds.values()) | set(self._fds_to_sync.values())
-            if self._active_fd >= 0:
-                fds.add(self._active_fd)
+            fds = set(self._read_fds.values()) | {fd for fd, _ in self._writers.values()}
             self._read_fds.clear()
-            self._fds_to_sync.clear()
-            self._active_fd = -1
+            self._writers.clear()
         for fd in fds:
             try:
                 os.close(fd)
