@@ -92,7 +92,7 @@ class PendingWrite:
 
 class DiskTier:
     def __init__(self, data_dir: Path, *, segment_size: int, sync_window: float = 0.0005) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.segments = SegmentLog(self.data_dir / SEGMENT_DIR, segment_size)
         options = rocksdict.Options(raw_mode=True)
