@@ -44,6 +44,10 @@ class ServerConfig:
     drain_seconds: float = 10.0
     # Name in the cluster; empty means HOSTNAME-PORT once the port is bound.
     node_id: str = ""
+    # Zero-copy data plane over UCX; off means values travel inline only.
+    data_plane: bool = True
+    # UCX transports, e.g. "shm,tcp", "tcp", "all"; empty means UCX's default choice.
+    ucx_tls: str = ""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

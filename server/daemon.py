@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
 from kvstore.errors import ConfigError
 from kvstore.server.config import ServerConfig
+from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.admin import AdminService
 from kvstore.server.rpc.cluster import ClusterService
@@ -36,6 +37,7 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.store: BlockStore | None = None
+        self.dataplane: DataPlane | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -71,9 +73,12 @@ class Daemon:
             raise ConfigError(f"listen: cannot bind {config.listen}: {exc}") from None
         if not config.node_id:
             config = self.config = config.replace(node_id=f"{socket.gethostname()}-{self.port}")
-        data = DataService(self.store, config, self.metrics)
-        cluster = ClusterService(config, self.metrics, self.address)
-        admin = AdminService(self.store, config, self.metrics, self.address)
+        self.dataplane = DataPlane(self.store.memory.arena, config.ucx_tls, enabled=config.data_plane)
+        if not self.dataplane.enabled:
+            log.info("zero-copy data plane off: %s", self.dataplane.reason)
+        data = DataService(self.store, config, self.metrics, self.dataplane)
+        cluster = ClusterService(config, self.metrics, self.address, self.dataplane)
+        admin = AdminService(self.store, config, self.metrics, self.address, self.dataplane)
         self.server.add_generic_rpc_handlers((data.handler(), cluster.handler(), admin.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -87,11 +92,12 @@ class Daemon:
         for name in ("",) + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "kvstore-server listening on %s data_dir=%s memory=%s node_id=%s%s",
+            "kvstore-server listening on %s data_dir=%s memory=%s node_id=%s data_plane=%s%s",
             self.address,
             Path(config.data_dir).resolve(),
             format_size(config.memory),
             config.node_id,
+            f"ucx({self.dataplane.tls or 'default'})" if self.dataplane.enabled else "off",
             f" metrics=http://{config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "",
         )
         return self
@@ -114,6 +120,9 @@ class Daemon:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
             self.server = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -9,6 +9,7 @@ from kvstore._proto.v1 import admin_pb2 as pb
 from kvstore._proto.v1 import data_pb2
 from kvstore.namespace import validate_name
 from kvstore.server.config import ServerConfig
+from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.data import namespace_of
 from kvstore.server.rpc.handlers import service
@@ -16,7 +17,10 @@ from kvstore.server.storage.store import BlockStore
 
 
 class AdminService:
-    def __init__(self, store: BlockStore, config: ServerConfig, metrics: Metrics, advertise: str) -> None:
+    def __init__(
+        self, store: BlockStore, config: ServerConfig, metrics: Metrics, advertise: str, dataplane: DataPlane
+    ) -> None:
+        self.dataplane = dataplane
         self.store = store
         self.config = config
         self.metrics = metrics
@@ -77,6 +81,9 @@ class AdminService:
             corrupt_blocks=self.store.disk.corrupt_blocks,
             evictions=memory.evictions,
             requests=int(total_requests),
+            data_plane=self.dataplane.enabled,
+            ucx_tls=self.dataplane.tls if self.dataplane.enabled else "",
+            data_plane_clients=len(self.dataplane.sessions),
         )
 
 

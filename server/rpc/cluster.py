@@ -11,12 +11,14 @@ from kvstore import __version__
 from kvstore._proto.v1 import cluster_pb2 as pb
 from kvstore.namespace import MAX_KEY_BYTES
 from kvstore.server.config import ServerConfig
+from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.handlers import service
 
 
 class ClusterService:
-    def __init__(self, config: ServerConfig, metrics: Metrics, advertise: str) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics, advertise: str, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
         self.config = config
         self.metrics = metrics
         self.advertise = advertise
@@ -40,9 +42,12 @@ class ClusterService:
         return self.cluster_map()
 
     async def hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
+        if request.worker_address:
+            self.dataplane.hello(request.client_id, request.worker_address)
         return pb.HelloResponse(
             node_id=self.config.node_id,
-            worker_address=b"",
+            worker_address=self.dataplane.address,
+            ucx_tls=self.dataplane.tls,
             cluster_map=self.cluster_map(),
             max_value_bytes=self.config.max_value_size,
             max_message_bytes=self.config.max_message_bytes,

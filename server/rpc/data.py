@@ -10,6 +10,7 @@ from kvstore._proto.v1 import data_pb2 as pb
 from kvstore.errors import InvalidArgumentError
 from kvstore.namespace import Namespace, validate_key
 from kvstore.server.config import ServerConfig
+from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.handlers import service
 from kvstore.server.rpc.wire import encode_get_response
@@ -40,10 +41,11 @@ def storage_keys(ns: Namespace, keys) -> list[bytes]:
 
 
 class DataService:
-    def __init__(self, store: BlockStore, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, store: BlockStore, config: ServerConfig, metrics: Metrics, dataplane: DataPlane) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
+        self.dataplane = dataplane
 
     def handler(self):
         return service(
@@ -63,18 +65,51 @@ class DataService:
     async def put(self, request: pb.PutRequest, context) -> pb.PutResponse:
         ns = namespace_of(request)
         durability = self._durability(request.durability)
-        # Extracting and checksumming inline values copies them: off the loop.
-        blocks = await self.store.offload(self._validated_blocks, ns, request)
-        stored = await self.store.put(ns, blocks, durability)
+        if request.HasField("region"):
+            blocks, addresses = self._remote_blocks(ns, request)
+            session = self.dataplane.session(request.client_id)
+            rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
+
+            async def transfer(arena_offsets, sizes):
+                await self.dataplane.read_from_client(session, rkey, arena_offsets, addresses, sizes)
+
+            stored = await self.store.put_remote(ns, blocks, durability, transfer)
+        else:
+            # Extracting and checksumming inline values copies them: off the loop.
+            blocks = await self.store.offload(self._validated_blocks, ns, request)
+            stored = await self.store.put(ns, blocks, durability)
         self.metrics.bytes_in.inc(sum(b.length for b in blocks))
         self.metrics.blocks_put.inc(stored)
         return pb.PutResponse(stored=stored)
 
-    def _validated_blocks(self, ns: Namespace, request: pb.PutRequest) -> list[BlockIn]:
-        if len(request.blocks) > MAX_BATCH_KEYS:
+    def _remote_blocks(self, ns: Namespace, request: pb.PutRequest) -> tuple[list[BlockIn], list[int]]:
+        """Validated blocks of a zero-copy put, and where each one lies in the client's region."""
+        self._check_batch(len(request.blocks))
+        limit = self.config.max_value_size
+        blocks, addresses = [], []
+        for i, block in enumerate(request.blocks):
+            key = validate_key(block.key, i)
+            if block.value:
+                raise InvalidArgumentError(
+                    f"block {i} carries an inline value in a request that names a region", index=i
+                )
+            if block.length > limit:
+                raise InvalidArgumentError(
+                    f"block {i} is {block.length} bytes; the limit is {limit}", code="VALUE_TOO_LARGE", index=i
+                )
+            blocks.append(BlockIn(ns.prefix + key, None, block.length, block.checksum))
+            addresses.append(block.remote_address)
+        return blocks, addresses
+
+    @staticmethod
+    def _check_batch(count: int) -> None:
+        if count > MAX_BATCH_KEYS:
             raise InvalidArgumentError(
-                f"{len(request.blocks)} blocks in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
+                f"{count} blocks in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
             )
+
+    def _validated_blocks(self, ns: Namespace, request: pb.PutRequest) -> list[BlockIn]:
+        self._check_batch(len(request.blocks))
         limit = self.config.max_value_size
         blocks = []
         for i, block in enumerate(request.blocks):
@@ -106,6 +141,10 @@ class DataService:
         response = pb.GetResponse()
         if not keys:
             return response
+        if request.HasField("region"):
+            return await self._get_remote(request, keys)
+        if request.slots:
+            raise InvalidArgumentError("slots given without the region they belong to", code="INVALID_ARGUMENT")
         found = await self.store.get(keys, self.config.max_response_bytes)
         hits = sum(1 for block in found if block is not None)
         self.metrics.gets.labels("hit").inc(hits)
@@ -113,6 +152,34 @@ class DataService:
         self.metrics.bytes_out.inc(sum(len(block.value) for block in found if block is not None))
         # Serialising the response copies every value: off the loop.
         return await self.store.offload(encode_get_response, found)
+
+    async def _get_remote(self, request: pb.GetRequest, keys: list[bytes]) -> pb.GetResponse:
+        if len(request.slots) != len(keys):
+            raise InvalidArgumentError(
+                f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code="INVALID_ARGUMENT"
+            )
+        session = self.dataplane.session(request.client_id)
+        rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
+        slots = request.slots
+
+        async def transfer(arena_offsets, lengths, indices):
+            addresses = [slots[i].address for i in indices]
+            await self.dataplane.write_to_client(session, rkey, arena_offsets, addresses, lengths)
+
+        found = await self.store.get_remote(keys, [slot.capacity for slot in slots], transfer)
+        response = pb.GetResponse()
+        hits = sent = 0
+        for block in found:
+            if block is None:
+                response.results.add(found=False)
+            else:
+                response.results.add(found=True, length=block[0], checksum=block[1])
+                hits += 1
+                sent += block[0]
+        self.metrics.gets.labels("hit").inc(hits)
+        self.metrics.gets.labels("miss").inc(len(found) - hits)
+        self.metrics.bytes_out.inc(sent)
+        return response
 
     async def exists(self, request: pb.KeysRequest, context) -> pb.ExistsResponse:
         keys = storage_keys(namespace_of(request), request.keys)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.checksum import checksum as xxh3
-from kvstore.errors import InvalidArgumentError, UnavailableError
+from kvstore.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from kvstore.namespace import Namespace
 from kvstore.server.storage.disk import DiskTier, NamespaceCounters
 from kvstore.server.storage.memory import MemoryTier, Resident
@@ -75,6 +75,8 @@ class BlockStore:
         self._closed = False
         self._deletes = 0  # bumped by every delete: stale copies must not be republished
         self._background: set[asyncio.Task] = set()
+        self._space = asyncio.Event()  # set (and replaced) whenever arena room is freed
+        self.reserve_timeout = 10.0
         self.promote_limit = memory_bytes // 8
 
     async def offload(self, fn, *args):
@@ -89,7 +91,7 @@ class BlockStore:
     # -- put ---------------------------------------------------------------
 
     async def put(self, ns: Namespace, blocks: list[BlockIn], durability: str) -> int:
-        """Store a validated batch; returns once each block reached ``durability``."""
+        """Store a validated batch of inline values; returns once each reached ``durability``."""
         deletes_before = self._deletes
         seqs = [self._seq.next() for _ in blocks]
         slots = [self.memory.reserve(block.length) for block in blocks]
@@ -98,23 +100,112 @@ class BlockStore:
         try:
             await self._run(self._fill_and_persist, blocks, slots, seqs, to_disk, durability == SYNC)
         except BaseException:
-            for block, slot in zip(blocks, slots):
-                if slot is not None:
-                    self.memory.release(slot, block.length)
+            self._release(slots, [block.length for block in blocks])
             raise
-        for block, slot, seq, persisted in zip(blocks, slots, seqs, to_disk):
+        self._publish(blocks, slots, seqs, to_disk, deletes_before)
+        return len(blocks)
+
+    async def put_remote(self, ns: Namespace, blocks: list[BlockIn], durability: str, transfer) -> int:
+        """Store a batch whose bytes the data plane reads straight into the arena.
+
+        ``transfer(arena_offsets, sizes)`` fills the reserved extents (RMA from the
+        client); checksums are verified over the arena bytes before anything is
+        persisted or published. On any failure every reserved extent is released.
+        """
+        deletes_before = self._deletes
+        sizes = [block.length for block in blocks]
+        seqs = [self._seq.next() for _ in blocks]
+        slots = await self._reserve_all(sizes)
+        persist = durability != MEMORY
+        try:
+            await transfer(slots, sizes)
+            await self._run(self._verify_and_persist, blocks, slots, seqs, persist, durability == SYNC)
+        except BaseException:
+            self._release(slots, sizes)
+            raise
+        self._publish(blocks, slots, seqs, [persist] * len(blocks), deletes_before)
+        return len(blocks)
+
+    def _verify_and_persist(self, blocks, slots, seqs, persist: bool, sync: bool) -> None:
+        arena = self.memory.arena
+        views = [arena.view(slot, block.length) for block, slot in zip(blocks, slots)]
+        for i, (block, view) in enumerate(zip(blocks, views)):
+            if xxh3(view) != block.checksum:
+                raise InvalidArgumentError(
+                    f"block {i}: xxh3-64 checksum {block.checksum:#018x} does not match the bytes read "
+                    "from the client's region",
+                    code="CHECKSUM_MISMATCH",
+                    index=i,
+                )
+        if persist:
+            writes = [
+                self.disk.append(block.key, view, block.length, block.checksum, seq)
+                for block, view, seq in zip(blocks, views, seqs)
+            ]
+            self.disk.commit(writes, sync=sync)
+
+    def _publish(self, blocks, slots, seqs, persisted, deletes_before: int) -> None:
+        for block, slot, seq, on_disk in zip(blocks, slots, seqs, persisted):
             if slot is None:
                 self.memory.remove(block.key)  # an older resident copy is stale now
                 continue
-            if persisted and self._deletes != deletes_before:
+            if on_disk and self._deletes != deletes_before:
                 # A delete ran meanwhile; the disk index alone knows which came last.
                 self.memory.release(slot, block.length)
                 self.memory.remove(block.key)
                 continue
-            entry = self.memory.publish(block.key, slot, block.length, block.checksum, seq, dirty=not persisted)
+            entry = self.memory.publish(block.key, slot, block.length, block.checksum, seq, dirty=not on_disk)
             if entry is not None and entry.dirty:
                 self._start_writeback(entry)
-        return len(blocks)
+
+    def _release(self, slots, sizes) -> None:
+        for slot, size in zip(slots, sizes):
+            if slot is not None:
+                self.memory.release(slot, size)
+        self._space_freed()
+
+    def _space_freed(self) -> None:
+        self._space.set()
+        self._space = asyncio.Event()
+
+    async def _reserve_all(self, sizes: list[int]) -> list[int]:
+        """Arena extents for every size, all or none, waiting a while for room."""
+        too_big = [n for n in sizes if n > self.memory.max_block]
+        if too_big:
+            raise ResourceExhaustedError(
+                f"a block of {too_big[0]} bytes exceeds the memory tier's largest extent "
+                f"({self.memory.max_block} bytes); raise --memory",
+                code="CAPACITY_EXHAUSTED",
+            )
+        if sum(sizes) > self.memory.capacity // 2:
+            raise ResourceExhaustedError(
+                f"a batch of {sum(sizes)} bytes exceeds half the memory tier ({self.memory.capacity} bytes); "
+                "send smaller batches",
+                code="CAPACITY_EXHAUSTED",
+            )
+        deadline = time.monotonic() + self.reserve_timeout
+        while True:
+            slots = []
+            for n in sizes:
+                slot = self.memory.reserve(n)
+                if slot is None:
+                    break
+                slots.append(slot)
+            if len(slots) == len(sizes):
+                return slots
+            for slot, n in zip(slots, sizes):
+                self.memory.release(slot, n)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResourceExhaustedError(
+                    "the memory tier is full of blocks in transfer or not yet written back; retry",
+                    code="CAPACITY_EXHAUSTED",
+                )
+            event = self._space
+            try:
+                await asyncio.wait_for(event.wait(), min(remaining, 0.01))
+            except asyncio.TimeoutError:
+                pass
 
     def _fill_and_persist(self, blocks, slots, seqs, to_disk, sync: bool) -> None:
         arena = self.memory.arena
@@ -148,6 +239,7 @@ class BlockStore:
         finally:
             self.memory.unpin(entry)
             entry.writeback.set_result(None)
+            self._space_freed()
 
     # -- get ---------------------------------------------------------------
 
@@ -169,10 +261,76 @@ class BlockStore:
         finally:
             for entry in pinned:
                 self.memory.unpin(entry)
+            if pinned:
+                self._space_freed()
         for key, block, entry in zip(keys, results, plan):
             if entry is None and block is not None and block.length_hint <= self.promote_limit:
                 self._spawn(self._promote(key, block))
         return [BlockOut(b.value, b.checksum) if b is not None else None for b in results]
+
+    async def get_remote(self, keys: list[bytes], capacities: list[int], transfer) -> list[tuple[int, int] | None]:
+        """(length, checksum) per key, None per miss, after ``transfer(arena_offsets,
+        lengths, indices)`` wrote each found block into the caller's slot ``indices[i]``.
+
+        Blocks only on disk are first read into the arena (verified, and promoted
+        as clean copies), so every byte leaves from registered memory.
+        """
+        pinned: list[Resident | None] = [None] * len(keys)
+        try:
+            for i, key in enumerate(keys):
+                entry = self.memory.lookup(key)
+                if entry is not None:
+                    self.memory.pin(entry)
+                    pinned[i] = entry
+            missing = [i for i, entry in enumerate(pinned) if entry is None]
+            if missing:
+                await self._load_into_arena(keys, missing, pinned)
+            for i, entry in enumerate(pinned):
+                if entry is not None and entry.length > capacities[i]:
+                    raise InvalidArgumentError(
+                        f"slot {i} holds {capacities[i]} bytes but the block is {entry.length} bytes",
+                        code="BUFFER_TOO_SMALL",
+                        index=i,
+                    )
+            found = [i for i, entry in enumerate(pinned) if entry is not None]
+            await transfer([pinned[i].offset for i in found], [pinned[i].length for i in found], found)
+            return [(e.length, e.checksum) if e is not None else None for e in pinned]
+        finally:
+            for entry in pinned:
+                if entry is not None:
+                    self.memory.unpin(entry)
+            self._space_freed()
+
+    async def _load_into_arena(self, keys, positions: list[int], pinned: list) -> None:
+        """Read the blocks at ``positions`` from disk into pinned arena extents."""
+        deletes_before = self._deletes
+        reads = await self._run(lambda: [self.disk.read(keys[i]) for i in positions])
+        hits = [(i, found) for i, found in zip(positions, reads) if found is not None]
+        if not hits:
+            return
+        slots = await self._reserve_all([record.length for _, (_, record) in hits])
+        try:
+            await self._run(self._copy_into_arena, [(slot, data) for slot, (_, (data, _)) in zip(slots, hits)])
+        except BaseException:
+            self._release(slots, [record.length for _, (_, record) in hits])
+            raise
+        for slot, (i, (_, record)) in zip(slots, hits):
+            key = keys[i]
+            entry = None
+            if self._deletes == deletes_before:
+                entry = self.memory.publish(key, slot, record.length, record.checksum, record.seq, dirty=False)
+            else:
+                self.memory.release(slot, record.length)
+            if entry is None:  # a newer write or a delete won meanwhile: serve what is current
+                entry = self.memory.lookup(key)
+            if entry is not None:
+                self.memory.pin(entry)
+                pinned[i] = entry
+
+    def _copy_into_arena(self, copies) -> None:
+        arena = self.memory.arena
+        for slot, data in copies:
+            arena.view(slot, len(data))[:] = data
 
     def _read_batch(self, keys, plan, budget):
         out = []

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvstore._proto.v1 import data_pb2 as kvstore_dot_v1_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\x1a\x15kvstore/v1/data.proto\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"H\n\x16ListNamespacesResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.kvstore.v1.NamespaceStats\"@\n\x14\x44ropNamespaceRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\"6\n\x15\x44ropNamespaceResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"P\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\"\x14\n\x12ServerStatsRequest\"\xe9\x01\n\x13ServerStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12$\n\x05tiers\x18\x06 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x12\n\nnamespaces\x18\x07 \x01(\r\x12\x16\n\x0e\x63orrupt_blocks\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x32\x86\x02\n\x05\x41\x64min\x12W\n\x0eListNamespaces\x12!.kvstore.v1.ListNamespacesRequest\x1a\".kvstore.v1.ListNamespacesResponse\x12T\n\rDropNamespace\x12 .kvstore.v1.DropNamespaceRequest\x1a!.kvstore.v1.DropNamespaceResponse\x12N\n\x0bServerStats\x12\x1e.kvstore.v1.ServerStatsRequest\x1a\x1f.kvstore.v1.ServerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\x1a\x15kvstore/v1/data.proto\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"H\n\x16ListNamespacesResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.kvstore.v1.NamespaceStats\"@\n\x14\x44ropNamespaceRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\"6\n\x15\x44ropNamespaceResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"P\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\"\x14\n\x12ServerStatsRequest\"\xaa\x02\n\x13ServerStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12$\n\x05tiers\x18\x06 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x12\n\nnamespaces\x18\x07 \x01(\r\x12\x16\n\x0e\x63orrupt_blocks\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x12\n\ndata_plane\x18\x0b \x01(\x08\x12\x0f\n\x07ucx_tls\x18\x0c \x01(\t\x12\x1a\n\x12\x64\x61ta_plane_clients\x18\r \x01(\r2\x86\x02\n\x05\x41\x64min\x12W\n\x0eListNamespaces\x12!.kvstore.v1.ListNamespacesRequest\x1a\".kvstore.v1.ListNamespacesResponse\x12T\n\rDropNamespace\x12 .kvstore.v1.DropNamespaceRequest\x1a!.kvstore.v1.DropNamespaceResponse\x12N\n\x0bServerStats\x12\x1e.kvstore.v1.ServerStatsRequest\x1a\x1f.kvstore.v1.ServerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,7 +46,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERSTATSREQUEST']._serialized_start=380
   _globals['_SERVERSTATSREQUEST']._serialized_end=400
   _globals['_SERVERSTATSRESPONSE']._serialized_start=403
-  _globals['_SERVERSTATSRESPONSE']._serialized_end=636
-  _globals['_ADMIN']._serialized_start=639
-  _globals['_ADMIN']._serialized_end=901
+  _globals['_SERVERSTATSRESPONSE']._serialized_end=701
+  _globals['_ADMIN']._serialized_start=704
+  _globals['_ADMIN']._serialized_end=966
 # @@protoc_insertion_point(module_scope)

@@ -27,27 +27,41 @@ class Namespace(_message.Message):
     subtenant: str
     def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ...) -> None: ...
 
+class RemoteRegion(_message.Message):
+    __slots__ = ("region_id", "rkey")
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    RKEY_FIELD_NUMBER: _ClassVar[int]
+    region_id: int
+    rkey: bytes
+    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
+
 class BlockWrite(_message.Message):
-    __slots__ = ("key", "value", "length", "checksum")
+    __slots__ = ("key", "value", "length", "checksum", "remote_address")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
     length: int
     checksum: int
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    remote_address: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., remote_address: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "blocks", "durability")
+    __slots__ = ("namespace", "blocks", "durability", "client_id", "region")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     blocks: _containers.RepeatedCompositeFieldContainer[BlockWrite]
     durability: Durability
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockWrite, _Mapping]]] = ..., durability: _Optional[_Union[Durability, str]] = ...) -> None: ...
+    client_id: str
+    region: RemoteRegion
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockWrite, _Mapping]]] = ..., durability: _Optional[_Union[Durability, str]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored",)
@@ -55,13 +69,27 @@ class PutResponse(_message.Message):
     stored: int
     def __init__(self, stored: _Optional[int] = ...) -> None: ...
 
+class RemoteSlot(_message.Message):
+    __slots__ = ("address", "capacity")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    address: int
+    capacity: int
+    def __init__(self, address: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "keys")
+    __slots__ = ("namespace", "keys", "client_id", "region", "slots")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    client_id: str
+    region: RemoteRegion
+    slots: _containers.RepeatedCompositeFieldContainer[RemoteSlot]
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[RemoteSlot, _Mapping]]] = ...) -> None: ...
 
 class BlockRead(_message.Message):
     __slots__ = ("found", "value", "length", "checksum")

@@ -20,9 +20,14 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_NAMESPACE: _ClassVar[ErrorCode]
     BATCH_TOO_LARGE: _ClassVar[ErrorCode]
     INVALID_ARGUMENT: _ClassVar[ErrorCode]
+    BUFFER_TOO_SMALL: _ClassVar[ErrorCode]
+    INVALID_REMOTE_KEY: _ClassVar[ErrorCode]
+    UNKNOWN_CLIENT: _ClassVar[ErrorCode]
     CAPACITY_EXHAUSTED: _ClassVar[ErrorCode]
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     STORAGE_FAILURE: _ClassVar[ErrorCode]
+    DATA_PLANE_UNAVAILABLE: _ClassVar[ErrorCode]
+    TRANSFER_FAILED: _ClassVar[ErrorCode]
     PERMISSION_DENIED: _ClassVar[ErrorCode]
     DATA_CORRUPTION: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
@@ -37,9 +42,14 @@ UNKNOWN_DURABILITY: ErrorCode
 INVALID_NAMESPACE: ErrorCode
 BATCH_TOO_LARGE: ErrorCode
 INVALID_ARGUMENT: ErrorCode
+BUFFER_TOO_SMALL: ErrorCode
+INVALID_REMOTE_KEY: ErrorCode
+UNKNOWN_CLIENT: ErrorCode
 CAPACITY_EXHAUSTED: ErrorCode
 SHUTTING_DOWN: ErrorCode
 STORAGE_FAILURE: ErrorCode
+DATA_PLANE_UNAVAILABLE: ErrorCode
+TRANSFER_FAILED: ErrorCode
 PERMISSION_DENIED: ErrorCode
 DATA_CORRUPTION: ErrorCode
 

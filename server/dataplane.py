@@ -1,0 +1,165 @@
+"""The daemon's zero-copy data plane: one UCX worker, the memory-tier arena
+registered once at start, and a session per client that introduced itself with
+Hello.
+
+The daemon moves every byte itself: for a put it RMA-reads the client's region
+into arena extents, for a get it RMA-writes arena extents into the client's
+region. Clients only ever receive lengths and checksums, never a daemon rkey,
+so no client can touch daemon memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from kvstore import errors
+from kvstore.server.storage.arena import Arena
+
+log = logging.getLogger("kvstore.server.dataplane")
+
+RKEYS_PER_CLIENT = 64  # unpacked remote keys cached per client (one per registered region)
+
+
+@dataclass
+class ClientSession:
+    client_id: str
+    endpoint: object
+    rkeys: OrderedDict = field(default_factory=OrderedDict)  # (region_id, rkey bytes) -> RemoteKey
+    since: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        for rkey in self.rkeys.values():
+            rkey.close()
+        self.rkeys.clear()
+        self.endpoint.close()
+
+
+class DataPlane:
+    """UCX worker, registered arena and client sessions; disabled when the native
+    module or UCX is unavailable (inline transfers still work then)."""
+
+    def __init__(self, arena: Arena, tls: str | None, *, enabled: bool = True) -> None:
+        self.tls = tls or ""
+        self.sessions: dict[str, ClientSession] = {}
+        self.enabled = False
+        self.reason = ""
+        if not enabled:
+            self.reason = "disabled by configuration (data_plane: false)"
+            return
+        try:
+            from kvstore import _native
+        except ImportError as exc:  # the package always imports; this is belt and braces
+            self.reason = f"kvstore._native cannot be imported: {exc}"
+            return
+        if not _native.available():
+            self.reason = _native.unavailable_reason() or "the native module is unavailable"
+            return
+        self._native = _native
+        self.context = _native.Context(tls or None)
+        self.worker = _native.Worker(self.context)
+        self.arena_handle = self.context.register(arena.buffer)
+        self.arena = arena
+        self.enabled = True
+
+    @property
+    def address(self) -> bytes:
+        return self.worker.address if self.enabled else b""
+
+    def hello(self, client_id: str, worker_address: bytes) -> None:
+        """Open (or reopen) the endpoint to a client's worker."""
+        if not self.enabled:
+            return
+        if not client_id:
+            raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code="UNKNOWN_CLIENT")
+        old = self.sessions.pop(client_id, None)
+        if old is not None:
+            old.close()
+        try:
+            endpoint = self.worker.connect(bytes(worker_address))
+        except errors.KVStoreError:
+            raise
+        except Exception as exc:
+            raise errors.InvalidArgumentError(f"cannot reach the client's worker address: {exc}") from None
+        self.sessions[client_id] = ClientSession(client_id, endpoint)
+        self._reap()
+
+    def session(self, client_id: str) -> ClientSession:
+        if not self.enabled:
+            raise errors.UnavailableError(
+                f"this daemon has no zero-copy data plane ({self.reason}); send values inline",
+                code="DATA_PLANE_UNAVAILABLE",
+            )
+        session = self.sessions.get(client_id)
+        if session is None or session.endpoint.failed:
+            if session is not None:
+                self.drop(client_id)
+            raise errors.UnavailableError(
+                f"client {client_id!r} has no data-plane session; call Hello again", code="UNKNOWN_CLIENT"
+            )
+        return session
+
+    def remote_key(self, session: ClientSession, region_id: int, packed: bytes):
+        cache_key = (region_id, packed)
+        rkey = session.rkeys.get(cache_key)
+        if rkey is not None:
+            session.rkeys.move_to_end(cache_key)
+            return rkey
+        try:
+            rkey = session.endpoint.unpack_rkey(packed)
+        except errors.InvalidArgumentError as exc:
+            raise errors.InvalidArgumentError(
+                f"region {region_id}: {exc.message}", code="INVALID_REMOTE_KEY"
+            ) from None
+        session.rkeys[cache_key] = rkey
+        while len(session.rkeys) > RKEYS_PER_CLIENT:
+            _, oldest = session.rkeys.popitem(last=False)
+            oldest.close()
+        return rkey
+
+    async def read_from_client(self, session, rkey, arena_offsets, remote_addresses, sizes) -> None:
+        """RMA-read client bytes into arena extents."""
+        await self._transfer(session, "get_async", rkey, arena_offsets, remote_addresses, sizes)
+
+    async def write_to_client(self, session, rkey, arena_offsets, remote_addresses, sizes) -> None:
+        """RMA-write arena extents into the client's region, flushed before returning."""
+        await self._transfer(session, "put_async", rkey, arena_offsets, remote_addresses, sizes)
+
+    async def _transfer(self, session, op, rkey, arena_offsets, remote_addresses, sizes) -> None:
+        if not sizes:
+            return
+        try:
+            await getattr(session.endpoint, op)(
+                self.arena_handle, list(arena_offsets), list(remote_addresses), list(sizes), rkey
+            )
+        except errors.InvalidArgumentError:
+            raise
+        except errors.KVStoreError as exc:
+            # The client died or its endpoint failed: forget it; it must Hello again.
+            self.drop(session.client_id)
+            raise errors.UnavailableError(
+                f"transfer with client {session.client_id!r} failed: {exc.message}", code="TRANSFER_FAILED"
+            ) from None
+
+    def drop(self, client_id: str) -> None:
+        session = self.sessions.pop(client_id, None)
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                log.debug("closing the session of %s failed", client_id, exc_info=True)
+
+    def _reap(self) -> None:
+        for client_id in [c for c, s in self.sessions.items() if s.endpoint.failed]:
+            self.drop(client_id)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        for client_id in list(self.sessions):
+            self.drop(client_id)
+        self.arena_handle.close()
+        self.worker.close()
+        self.enabled = False
