@@ -10,6 +10,7 @@ Errors are ``kvstore.errors.KVStoreError`` subclasses; a miss is ``None``.
 
 from kvstore.client.api import Client
 from kvstore.client.config import ClientConfig, RetryPolicy
+from kvstore.client.regions import MemoryRegion
 from kvstore.client.sync import SyncClient
 from kvstore.errors import (
     DataCorruptionError,
@@ -31,6 +32,7 @@ __all__ = [
     "InternalError",
     "InvalidArgumentError",
     "KVStoreError",
+    "MemoryRegion",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetryPolicy",

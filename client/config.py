@@ -19,6 +19,7 @@ from kvstore.units import parse_address
 
 DEFAULT_ENDPOINT = "127.0.0.1:7600"
 DURABILITIES = ("memory", "disk", "sync")
+TRANSPORTS = ("auto", "ucx", "inline")
 
 
 def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
@@ -79,6 +80,13 @@ class ClientConfig:
     # How many RPCs of one split batch run at once.
     concurrency: int = 4
     verify_checksums: bool = True
+    # "auto": zero-copy UCX data plane when both sides have it, inline otherwise;
+    # "ucx": require it; "inline": values always travel inside gRPC messages.
+    transport: str = "auto"
+    # UCX transports, e.g. "shm,tcp", "tcp", "all"; empty means UCX's default choice.
+    ucx_tls: str = ""
+    # Registered buffer that plain put/get copy through on the zero-copy path.
+    staging_bytes: int = size_field(128 << 20)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -93,6 +101,10 @@ class ClientConfig:
             raise ConfigError("max_batch_keys and max_batch_bytes must be positive")
         if self.concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if self.staging_bytes < (1 << 20):
+            raise ConfigError("staging_bytes: must be at least 1 MiB")
 
     @classmethod
     def load(cls, args: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> "ClientConfig":

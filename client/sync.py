@@ -57,6 +57,23 @@ class SyncClient:
     def put_many(self, items, durability: str | None = None) -> int:
         return self._run(self._client.put_many(items, durability))
 
+    def register(self, buffer):
+        """A reusable MemoryRegion over a writable buffer; see Client.register."""
+        return self._client.register(buffer)
+
+    def register_ptr(self, address: int, length: int):
+        return self._client.register_ptr(address, length)
+
+    def put_from(self, keys, region, offsets, sizes, durability: str | None = None) -> int:
+        return self._run(self._client.put_from(keys, region, offsets, sizes, durability))
+
+    def get_into(self, keys, region, offsets, capacities) -> list[int | None]:
+        return self._run(self._client.get_into(keys, region, offsets, capacities))
+
+    @property
+    def zero_copy(self) -> bool:
+        return self._client.zero_copy
+
     def get(self, key: bytes) -> bytes | None:
         return self._run(self._client.get(key))
 

@@ -60,12 +60,13 @@ class Connection:
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self.hello: cluster_pb2.HelloResponse | None = None
 
-    async def handshake(self, client_id: str, timeout: float) -> cluster_pb2.HelloResponse:
+    async def handshake(self, client_id: str, timeout: float, worker_address: bytes = b"") -> cluster_pb2.HelloResponse:
+        """Introduce the client (and its data-plane worker, if any) to the daemon."""
         from kvstore import __version__
 
         try:
             self.hello = await self.cluster.Hello(
-                cluster_pb2.HelloRequest(client_id=client_id, client_version=__version__),
+                cluster_pb2.HelloRequest(client_id=client_id, client_version=__version__, worker_address=worker_address),
                 timeout=timeout,
                 wait_for_ready=True,
             )

@@ -173,9 +173,10 @@ class DataService:
             if block is None:
                 response.results.add(found=False)
             else:
-                response.results.add(found=True, length=block[0], checksum=block[1])
+                length, checksum, written = block
+                response.results.add(found=True, length=length, checksum=checksum, too_small=not written)
                 hits += 1
-                sent += block[0]
+                sent += length if written else 0
         self.metrics.gets.labels("hit").inc(hits)
         self.metrics.gets.labels("miss").inc(len(found) - hits)
         self.metrics.bytes_out.inc(sent)

@@ -268,9 +268,10 @@ class BlockStore:
                 self._spawn(self._promote(key, block))
         return [BlockOut(b.value, b.checksum) if b is not None else None for b in results]
 
-    async def get_remote(self, keys: list[bytes], capacities: list[int], transfer) -> list[tuple[int, int] | None]:
-        """(length, checksum) per key, None per miss, after ``transfer(arena_offsets,
-        lengths, indices)`` wrote each found block into the caller's slot ``indices[i]``.
+    async def get_remote(self, keys: list[bytes], capacities: list[int], transfer) -> list[tuple[int, int, bool] | None]:
+        """(length, checksum, written) per key, None per miss, after ``transfer(arena_offsets,
+        lengths, indices)`` wrote each found block that fits into the caller's slot
+        ``indices[i]`` (``written`` is False for a block larger than its slot).
 
         Blocks only on disk are first read into the arena (verified, and promoted
         as clean copies), so every byte leaves from registered memory.
@@ -285,16 +286,12 @@ class BlockStore:
             missing = [i for i, entry in enumerate(pinned) if entry is None]
             if missing:
                 await self._load_into_arena(keys, missing, pinned)
-            for i, entry in enumerate(pinned):
-                if entry is not None and entry.length > capacities[i]:
-                    raise InvalidArgumentError(
-                        f"slot {i} holds {capacities[i]} bytes but the block is {entry.length} bytes",
-                        code="BUFFER_TOO_SMALL",
-                        index=i,
-                    )
-            found = [i for i, entry in enumerate(pinned) if entry is not None]
-            await transfer([pinned[i].offset for i in found], [pinned[i].length for i in found], found)
-            return [(e.length, e.checksum) if e is not None else None for e in pinned]
+            fits = [i for i, e in enumerate(pinned) if e is not None and e.length <= capacities[i]]
+            await transfer([pinned[i].offset for i in fits], [pinned[i].length for i in fits], fits)
+            return [
+                None if e is None else (e.length, e.checksum, e.length <= capacity)
+                for e, capacity in zip(pinned, capacities)
+            ]
         finally:
             for entry in pinned:
                 if entry is not None:

@@ -92,16 +92,18 @@ class GetRequest(_message.Message):
     def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[RemoteSlot, _Mapping]]] = ...) -> None: ...
 
 class BlockRead(_message.Message):
-    __slots__ = ("found", "value", "length", "checksum")
+    __slots__ = ("found", "value", "length", "checksum", "too_small")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    TOO_SMALL_FIELD_NUMBER: _ClassVar[int]
     found: bool
     value: bytes
     length: int
     checksum: int
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    too_small: bool
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., too_small: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("results",)

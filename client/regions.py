@@ -1,0 +1,110 @@
+"""Registered memory on the client side: ``MemoryRegion`` (a buffer the caller
+registered once and reuses across requests) and ``StagingPool`` (the SDK's own
+registered buffer that plain put/get copy through on the zero-copy path).
+
+A region works with or without the native module: with it, the daemon moves
+bytes by RMA; without it, the SDK copies them through inline messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import mmap
+
+from kvstore import errors
+from kvstore.checksum import checksum
+from kvstore.extents import ExtentAllocator
+
+_region_ids = itertools.count(1)
+
+
+class MemoryRegion:
+    """A buffer (or raw address range) registered with the client's data plane."""
+
+    def __init__(self, buffer, handle=None, *, address: int | None = None, length: int | None = None) -> None:
+        self.region_id = next(_region_ids)
+        self.handle = handle
+        if buffer is not None:
+            view = memoryview(buffer)
+            if view.readonly:
+                raise errors.InvalidArgumentError("register() needs a writable buffer (bytearray, numpy array, mmap)")
+            self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        else:
+            import ctypes
+
+            self._view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+        self.length = self._view.nbytes
+        self.address = handle.address if handle is not None else address or 0
+        self.rkey = handle.packed_rkey if handle is not None else b""
+        self.closed = False
+
+    @property
+    def zero_copy(self) -> bool:
+        return self.handle is not None and not self.closed
+
+    def view(self, offset: int, size: int) -> memoryview:
+        self.check(offset, size)
+        return self._view[offset : offset + size]
+
+    def check(self, offset: int, size: int, index: int = -1) -> None:
+        if self.closed:
+            raise errors.InvalidArgumentError("the memory region is closed")
+        if offset < 0 or size < 0 or offset + size > self.length:
+            raise errors.InvalidArgumentError(
+                f"entry {index}: [{offset}, {offset + size}) is outside the region of {self.length} bytes",
+                index=index,
+            )
+
+    def checksum(self, offset: int, size: int) -> int:
+        return checksum(self._view[offset : offset + size])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.handle is not None:
+            self.handle.close()
+        self._view.release()
+
+    def __enter__(self) -> "MemoryRegion":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "zero-copy" if self.zero_copy else "inline"
+        return f"<MemoryRegion {self.region_id} {self.length} bytes {mode}{' closed' if self.closed else ''}>"
+
+
+class StagingPool:
+    """A registered buffer carved into extents for in-flight plain puts and gets."""
+
+    def __init__(self, region: MemoryRegion) -> None:
+        self.region = region
+        self.allocator = ExtentAllocator(region.length)
+        self._freed = asyncio.Condition()
+
+    async def acquire(self, size: int) -> int | None:
+        """An offset of ``size`` bytes, waiting for room; None if it can never fit."""
+        if ExtentAllocator.rounded(size) > self.allocator.capacity:
+            return None
+        async with self._freed:
+            while True:
+                offset = self.allocator.allocate(size)
+                if offset is not None:
+                    return offset
+                await self._freed.wait()
+
+    async def release(self, offset: int, size: int) -> None:
+        async with self._freed:
+            self.allocator.free(offset, size)
+            self._freed.notify_all()
+
+    def close(self) -> None:
+        self.region.close()
+
+
+def anonymous_buffer(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
