@@ -609,6 +609,7 @@ class Client:
             "corrupt_blocks": r.corrupt_blocks,
             "evictions": r.evictions,
             "requests": r.requests,
+            "data_plane": {"enabled": r.data_plane, "ucx_tls": r.ucx_tls, "clients": r.data_plane_clients},
         }
 
     async def namespaces(self, tenant: str = "") -> list[dict]:

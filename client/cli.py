@@ -164,6 +164,11 @@ def format_stats(stats: dict) -> str:
             f"{name:<9} {tier['blocks']} blocks, {format_size(tier['bytes'])} of {format_size(tier['capacity_bytes'])}"
         )
     lines.append(f"corrupt   {stats['corrupt_blocks']} blocks dropped; {stats['evictions']} evictions")
+    plane = stats.get("data_plane", {})
+    if plane.get("enabled"):
+        lines.append(f"transfer  zero-copy over UCX (tls {plane['ucx_tls'] or 'UCX default'}), {plane['clients']} clients")
+    else:
+        lines.append("transfer  inline only (no zero-copy data plane)")
     lines.append(f"namespaces {stats['namespaces']}")
     for ns in stats.get("namespace_list", []):
         lines.append(f"  {ns['tenant']}/{ns['subtenant']}\t{ns['blocks']} blocks\t{format_size(ns['bytes'])}")
