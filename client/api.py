@@ -610,6 +610,7 @@ class Client:
             "evictions": r.evictions,
             "requests": r.requests,
             "data_plane": {"enabled": r.data_plane, "ucx_tls": r.ucx_tls, "clients": r.data_plane_clients},
+            "arena_used_bytes": r.arena_used_bytes,
         }
 
     async def namespaces(self, tenant: str = "") -> list[dict]:

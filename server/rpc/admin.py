@@ -84,6 +84,7 @@ class AdminService:
             data_plane=self.dataplane.enabled,
             ucx_tls=self.dataplane.tls if self.dataplane.enabled else "",
             data_plane_clients=len(self.dataplane.sessions),
+            arena_used_bytes=memory.arena.allocator.used,
         )
 
 

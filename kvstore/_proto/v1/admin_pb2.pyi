@@ -51,7 +51,7 @@ class ServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatsResponse(_message.Message):
-    __slots__ = ("node_id", "address", "data_dir", "version", "uptime_seconds", "tiers", "namespaces", "corrupt_blocks", "evictions", "requests", "data_plane", "ucx_tls", "data_plane_clients")
+    __slots__ = ("node_id", "address", "data_dir", "version", "uptime_seconds", "tiers", "namespaces", "corrupt_blocks", "evictions", "requests", "data_plane", "ucx_tls", "data_plane_clients", "arena_used_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class ServerStatsResponse(_message.Message):
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     UCX_TLS_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     data_dir: str
@@ -78,4 +79,5 @@ class ServerStatsResponse(_message.Message):
     data_plane: bool
     ucx_tls: str
     data_plane_clients: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., data_dir: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., data_plane: _Optional[bool] = ..., ucx_tls: _Optional[str] = ..., data_plane_clients: _Optional[int] = ...) -> None: ...
+    arena_used_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., data_dir: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., data_plane: _Optional[bool] = ..., ucx_tls: _Optional[str] = ..., data_plane_clients: _Optional[int] = ..., arena_used_bytes: _Optional[int] = ...) -> None: ...
