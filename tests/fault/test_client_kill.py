@@ -62,9 +62,9 @@ def test_sigkilled_clients_leak_nothing(daemon_process, tls):
         assert kv.get(b"alive") == b"yes"
         deadline = time.monotonic() + 10
         while True:
-            stats = kv.server_stats()
             for ns in kv.namespaces():
-                SyncClient(proc.address, tenant=ns["tenant"], subtenant=ns["subtenant"]).drop_namespace()
+                with SyncClient(proc.address, tenant=ns["tenant"], subtenant=ns["subtenant"]) as owner:
+                    owner.drop_namespace()
             stats = kv.server_stats()
             if stats["arena_used_bytes"] == 0 or time.monotonic() > deadline:
                 break
