@@ -12,6 +12,7 @@ from pathlib import Path
 from bench import limits, report, storage
 from bench.kvstore_runner import MIN_BLOCK_SIZE, Daemon, run_sizes
 from bench.measure import BenchError, blocks_for
+from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers, run_peer
 from bench.progress import Progress
 from kvstore.errors import KVStoreError
 from kvstore.units import parse_size
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help=f"runs of each reference limit; the best is kept (default {REPEATS})")
     p.add_argument("--output", help=f"markdown file to write (default {_shown(report.DEFAULT_OUTPUT)}); raw numbers go next to it as .json")
     p.add_argument("--no-progress", action="store_true", help="draw no progress bar")
+    p.add_argument(
+        "--peers",
+        default=",".join(DEFAULT_PEERS),
+        help=f"other stores measured after kvstore, comma-separated of {', '.join(ALL_PEERS)}, or 'none' "
+        f"(default {','.join(DEFAULT_PEERS)}); one not installed is skipped with a note (bench/peers/README.md)",
+    )
 
     sub = p.add_subparsers(dest="command", metavar="{storage}")
     s = sub.add_parser(
@@ -92,6 +99,12 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.batch < 1 or min_calls < 1 or repeats < 1 or volume < 1:
         parser.error("--batch, --min-calls, --repeats and --volume must be positive")
     blocks = {size: blocks_for(volume, size, batch=args.batch, min_calls=min_calls) for size in sizes}
+    names = [] if args.peers.strip().lower() == "none" else [n.strip() for n in args.peers.split(",") if n.strip()]
+    try:
+        # Mooncake evicts above 90% of its segment: room for the largest case twice over.
+        peers = available_peers(names, segment_bytes=max(2 << 30, 2 * max(n * s for s, n in blocks.items())))
+    except ValueError as exc:
+        parser.error(f"--peers: {exc}")
 
     info = report.machine_info()
     owned_dir = args.data_dir is None
@@ -107,9 +120,11 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "data_dir": str(data_dir),
         "data_dir_filesystem": report.filesystem_of(data_dir),
         "blocks_per_case": {str(size): n for size, n in blocks.items()},
+        "peers": [],
     }
     # Three kvstore cases and two limits (each run ``repeats`` times) per size.
     total = sum(n * size * (3 + 2 * repeats) for size, n in blocks.items())
+    total += sum(2 * n * size for size, n in blocks.items()) * sum(1 for spec in peers if spec.reason is None)
     daemon_status = None
     try:
         with Progress(total, enabled=not args.no_progress) as progress:
@@ -131,6 +146,20 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             finally:
                 progress.stage("stopping kvstore-server")
                 daemon_status = daemon.stop()
+            # Peers run after the daemon has stopped, each alone on the machine; one that fails is noted, not fatal.
+            for spec in peers:
+                if spec.reason:
+                    settings["peers"].append(f"{spec.name}: skipped: {spec.reason}")
+                    continue
+                progress.stage(f"starting {spec.name}")
+                try:
+                    with spec.factory() as peer:
+                        settings["peers"].append(peer.describe())
+                        for size in sizes:
+                            measured[size].extend(run_peer(peer, size, blocks[size], batch=args.batch, progress=progress))
+                except BenchError as exc:
+                    settings["peers"].append(f"{spec.name}: FAILED: {str(exc).splitlines()[0]}")
+                    print(f"bench: {spec.name} failed: {exc}", file=sys.stderr)
     finally:
         if owned_dir:
             shutil.rmtree(data_dir, ignore_errors=True)

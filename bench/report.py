@@ -181,12 +181,24 @@ def render_sdk(info: dict, settings: dict, runs: list[SizeRun]) -> str:
         summary.append(row)
     lines += markdown_table(["block", *KVSTORE_CASES, *LIMIT_CASES], summary, "lrrrrr")
 
+    peer_cases = _peer_cases(runs)
+    if peer_cases:
+        lines += ["", "## Peers (GB/s)", "", "Other stores on this machine, measured after kvstore with the same "
+                  "blocks, batches and byte checks; kvstore's put (memory) and get repeated for reference.", ""]
+        reference = ("put (memory)", "get")
+        rows = []
+        for run in runs:
+            cells = [run.get(case) for case in (*reference, *peer_cases)]
+            rows.append([size_label(run.block_size)] + [rate(r.gbps) if r else "–" for r in cells])
+        headers = ["block", "kvstore put (memory)", "kvstore get", *peer_cases]
+        lines += markdown_table(headers, rows, "l" + "r" * (len(headers) - 1))
+
     lines += ["", "## Detail", ""]
     detail = []
     for run in runs:
         memcpy, tcp = run.get("memcpy"), run.get("loopback TCP")
         for result in run.results:
-            kv = result.case in KVSTORE_CASES
+            kv = result.case not in LIMIT_CASES  # kvstore's cases and the peers' are timed per call
             detail.append(
                 [
                     size_label(run.block_size),
@@ -221,10 +233,22 @@ def render_sdk(info: dict, settings: dict, runs: list[SizeRun]) -> str:
         "TCP is one 127.0.0.1 connection: a sender thread, a receiver `recv_into` a preallocated buffer.",
         "- vs memcpy / vs TCP: the case's GB/s as a share of that limit at the same block size.",
     ]
+    for line in settings.get("peers", []):
+        lines.append(f"- peer {line}")
     for run in runs:
         for note in run.notes:
             lines.append(f"- {size_label(run.block_size)}, {note}")
     return "\n".join(lines) + "\n"
+
+
+def _peer_cases(runs: list[SizeRun]) -> list[str]:
+    """The peers' cases ("redis put", "mooncake (tcp) get"...), in the order they ran."""
+    seen: list[str] = []
+    for run in runs:
+        for result in run.results:
+            if result.case not in KVSTORE_CASES + LIMIT_CASES and result.case not in seen:
+                seen.append(result.case)
+    return seen
 
 
 def sdk_json(info: dict, settings: dict, runs: list[SizeRun]) -> dict:
@@ -234,7 +258,7 @@ def sdk_json(info: dict, settings: dict, runs: list[SizeRun]) -> dict:
         results = []
         for result in run.results:
             row = result.to_dict()
-            if result.case in KVSTORE_CASES:
+            if result.case not in LIMIT_CASES:
                 row["vs_memcpy"] = result.gbps / memcpy.gbps if memcpy else None
                 row["vs_tcp"] = result.gbps / tcp.gbps if tcp else None
             results.append(row)
