@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 serve: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/kvstore-server $(ARGS)
 
-$(SERVE_VENV)/.installed: pyproject.toml CMakeLists.txt
+$(SERVE_VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard kvstore/_native/src/*)
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
 	$(SERVE_VENV)/bin/pip install --quiet .
@@ -22,7 +22,7 @@ $(SERVE_VENV)/.installed: pyproject.toml CMakeLists.txt
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-$(VENV)/.installed: pyproject.toml CMakeLists.txt
+$(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard kvstore/_native/src/*)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e ".[test,bench]"

@@ -181,7 +181,7 @@ class Client:
         return self._plane
 
     def _start_data_plane(self, hello) -> None:
-        self.zero_copy = bool(self._plane and hello.worker_address)
+        self.zero_copy = bool(self._plane and hello.data_plane)
         if self.config.transport == "ucx" and not self.zero_copy:
             raise errors.UnavailableError(
                 "transport 'ucx' asked for, but the daemon has no zero-copy data plane", code="DATA_PLANE_UNAVAILABLE"

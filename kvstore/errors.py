@@ -3,10 +3,15 @@
     KVStoreError                      base of everything kvstore raises
     ├── RetryableError                the same call may succeed later
     │   ├── UnavailableError          daemon down, unreachable, draining   (UNAVAILABLE)
+    │   │   └── TransportError        the data plane (UCX) failed to move bytes
+    │   │       └── EndpointClosedError   the peer died or its endpoint closed
     │   ├── DeadlineExceededError     no answer within the deadline        (DEADLINE_EXCEEDED)
+    │   │   └── TransportTimeoutError UCX gave up waiting for the transport
     │   └── ResourceExhaustedError    memory/disk/quota full               (RESOURCE_EXHAUSTED)
+    │       └── RegistrationError     memory could not be registered with UCX
     ├── InvalidArgumentError          the request is wrong; never retry    (INVALID_ARGUMENT)
-    │   └── ConfigError               a configuration value is wrong
+    │   ├── ConfigError               a configuration value is wrong
+    │   └── InvalidRemoteKeyError     a packed remote key is corrupted or foreign
     ├── PermissionDeniedError         bad or missing credentials           (PERMISSION_DENIED)
     ├── DataCorruptionError           bytes failed their checksum          (DATA_LOSS)
     └── InternalError                 a bug or an unexpected failure       (INTERNAL, others)
@@ -14,8 +19,8 @@
 Every error carries ``code`` (a ``kvstore.v1.ErrorCode`` name such as
 ``"KEY_TOO_LARGE"``) and ``index`` (the offending entry of a batch, or -1).
 gRPC statuses are translated into this tree in exactly one place,
-``kvstore.client.transport``; the daemon maps the tree back to statuses in
-``kvstore.server.rpc.status``.
+``kvstore.client.transport``, and UCX statuses in ``kvstore._native``; the
+daemon maps the tree back to statuses in ``kvstore.server.rpc.status``.
 """
 
 from __future__ import annotations
@@ -85,15 +90,51 @@ class InternalError(KVStoreError):
     """An unexpected failure inside kvstore."""
 
 
+class TransportError(UnavailableError):
+    """The data plane failed to move bytes; the operation may be retried."""
+
+    default_code = "TRANSFER_FAILED"
+    status: int | None = None  # the UCX status, when UCX reported one
+
+
+class EndpointClosedError(TransportError):
+    """The endpoint is gone: the peer died, the link broke, or it (or its worker) was closed."""
+
+
+class TransportTimeoutError(DeadlineExceededError):
+    """UCX gave up waiting for the transport."""
+
+    default_code = "TRANSFER_FAILED"
+    status: int | None = None
+
+
+class RegistrationError(ResourceExhaustedError):
+    """Memory could not be registered: no memory or resources left."""
+
+    status: int | None = None
+
+
+class InvalidRemoteKeyError(InvalidArgumentError):
+    """A packed remote key is corrupted, truncated or was not made for this peer."""
+
+    default_code = "INVALID_REMOTE_KEY"
+    status: int | None = None
+
+
 __all__ = [
     "ConfigError",
     "DataCorruptionError",
     "DeadlineExceededError",
+    "EndpointClosedError",
     "InternalError",
     "InvalidArgumentError",
+    "InvalidRemoteKeyError",
     "KVStoreError",
     "PermissionDeniedError",
+    "RegistrationError",
     "ResourceExhaustedError",
     "RetryableError",
+    "TransportError",
+    "TransportTimeoutError",
     "UnavailableError",
 ]

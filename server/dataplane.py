@@ -4,8 +4,14 @@ Hello.
 
 The daemon moves every byte itself: for a put it RMA-reads the client's region
 into arena extents, for a get it RMA-writes arena extents into the client's
-region. Clients only ever receive lengths and checksums, never a daemon rkey,
-so no client can touch daemon memory.
+region. Clients receive lengths and checksums, never a daemon rkey nor the
+daemon's worker address.
+
+That is not an access control on its own: UCX serves software-emulated RMA
+(TCP) for any peer that holds an endpoint to a worker, whatever rkey it
+presents, and over shared memory a same-user process can read another through
+CMA. Tenant isolation on the data plane therefore rests on who may reach the
+daemon's worker (network policy, separate users), not on rkeys.
 """
 
 from __future__ import annotations
@@ -63,10 +69,6 @@ class DataPlane:
         self.arena_handle = self.context.register(arena.buffer)
         self.arena = arena
         self.enabled = True
-
-    @property
-    def address(self) -> bytes:
-        return self.worker.address if self.enabled else b""
 
     def hello(self, client_id: str, worker_address: bytes) -> None:
         """Open (or reopen) the endpoint to a client's worker."""
@@ -161,5 +163,5 @@ class DataPlane:
         for client_id in list(self.sessions):
             self.drop(client_id)
         self.arena_handle.close()
-        self.worker.close()
+        self.worker.close(timeout=5)  # let transfers in flight finish before endpoints go
         self.enabled = False

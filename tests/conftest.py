@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.server.config import ServerConfig
-from kvstore.server.daemon import Daemon
+# UCX's TCP transport would otherwise open connections on every interface of
+# this host; the tests' daemons and clients talk over loopback only.
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+from kvstore.server.config import ServerConfig  # noqa: E402
+from kvstore.server.daemon import Daemon  # noqa: E402
 
 
 def pytest_addoption(parser):

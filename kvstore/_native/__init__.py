@@ -77,34 +77,12 @@ __all__ = [
 ]
 
 
-class TransportError(errors.UnavailableError):
-    """The data plane failed to move bytes; the operation may be retried."""
-
-    default_code = "TRANSFER_FAILED"
-    status: int | None = None
-
-
-class EndpointClosedError(TransportError):
-    """The endpoint is gone: the peer died, the link broke, or it (or its worker) was closed."""
-
-
-class TransportTimeoutError(errors.DeadlineExceededError):
-    """UCX gave up waiting for the transport."""
-
-    default_code = "TRANSFER_FAILED"
-    status: int | None = None
-
-
-class RegistrationError(errors.ResourceExhaustedError):
-    """Memory could not be registered: no memory or resources left."""
-
-    status: int | None = None
-
-
-class InvalidRemoteKeyError(errors.InvalidArgumentError):
-    """A packed remote key is corrupted, truncated or was not made for this peer."""
-
-    status: int | None = None
+# The data plane's exceptions belong to the one error tree in kvstore.errors.
+TransportError = errors.TransportError
+EndpointClosedError = errors.EndpointClosedError
+TransportTimeoutError = errors.TransportTimeoutError
+RegistrationError = errors.RegistrationError
+InvalidRemoteKeyError = errors.InvalidRemoteKeyError
 
 
 # Completion callback: callback(status, message), status 0 meaning success.

@@ -42,11 +42,13 @@ class ClusterService:
         return self.cluster_map()
 
     async def hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
-        if request.worker_address:
+        connected = False
+        if request.worker_address and self.dataplane.enabled:
             self.dataplane.hello(request.client_id, request.worker_address)
+            connected = True
         return pb.HelloResponse(
             node_id=self.config.node_id,
-            worker_address=self.dataplane.address,
+            data_plane=connected,
             ucx_tls=self.dataplane.tls,
             cluster_map=self.cluster_map(),
             max_value_bytes=self.config.max_value_size,

@@ -70,8 +70,9 @@ class DataService:
             session = self.dataplane.session(request.client_id)
             rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
 
-            async def transfer(arena_offsets, sizes):
-                await self.dataplane.read_from_client(session, rkey, arena_offsets, addresses, sizes)
+            async def transfer(arena_offsets, sizes, indices):
+                remote = [addresses[i] for i in indices]
+                await self.dataplane.read_from_client(session, rkey, arena_offsets, remote, sizes)
 
             stored = await self.store.put_remote(ns, blocks, durability, transfer)
         else:

@@ -108,28 +108,48 @@ class BlockStore:
     async def put_remote(self, ns: Namespace, blocks: list[BlockIn], durability: str, transfer) -> int:
         """Store a batch whose bytes the data plane reads straight into the arena.
 
-        ``transfer(arena_offsets, sizes)`` fills the reserved extents (RMA from the
-        client); checksums are verified over the arena bytes before anything is
-        persisted or published. On any failure every reserved extent is released.
+        ``transfer(arena_offsets, sizes, indices)`` fills the reserved extents with
+        blocks ``indices`` of the batch (RMA from the client); checksums are verified
+        over the arena bytes before anything is persisted or published. A batch larger
+        than a quarter of the arena is taken in parts, one after the other. On any
+        failure every extent reserved for the failing part is released.
         """
+        for indices in self._parts([block.length for block in blocks]):
+            await self._put_remote_part([blocks[i] for i in indices], indices, durability, transfer)
+        return len(blocks)
+
+    async def _put_remote_part(self, blocks: list[BlockIn], indices: list[int], durability: str, transfer) -> None:
         deletes_before = self._deletes
         sizes = [block.length for block in blocks]
         seqs = [self._seq.next() for _ in blocks]
         slots = await self._reserve_all(sizes)
         persist = durability != MEMORY
         try:
-            await transfer(slots, sizes)
-            await self._run(self._verify_and_persist, blocks, slots, seqs, persist, durability == SYNC)
+            await transfer(slots, sizes, indices)
+            await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == SYNC)
         except BaseException:
             self._release(slots, sizes)
             raise
         self._publish(blocks, slots, seqs, [persist] * len(blocks), deletes_before)
-        return len(blocks)
 
-    def _verify_and_persist(self, blocks, slots, seqs, persist: bool, sync: bool) -> None:
+    def _parts(self, lengths: list[int | None]) -> list[list[int]]:
+        """Indices grouped so that each group's bytes fit a quarter of the arena."""
+        budget = max(1, self.memory.capacity // 4)
+        parts: list[list[int]] = [[]]
+        used = 0
+        for i, length in enumerate(lengths):
+            length = length or 0
+            if parts[-1] and used + length > budget:
+                parts.append([])
+                used = 0
+            parts[-1].append(i)
+            used += length
+        return parts if parts[0] else []
+
+    def _verify_and_persist(self, blocks, indices, slots, seqs, persist: bool, sync: bool) -> None:
         arena = self.memory.arena
         views = [arena.view(slot, block.length) for block, slot in zip(blocks, slots)]
-        for i, (block, view) in enumerate(zip(blocks, views)):
+        for i, block, view in zip(indices, blocks, views):
             if xxh3(view) != block.checksum:
                 raise InvalidArgumentError(
                     f"block {i}: xxh3-64 checksum {block.checksum:#018x} does not match the bytes read "
@@ -175,12 +195,6 @@ class BlockStore:
             raise ResourceExhaustedError(
                 f"a block of {too_big[0]} bytes exceeds the memory tier's largest extent "
                 f"({self.memory.max_block} bytes); raise --memory",
-                code="CAPACITY_EXHAUSTED",
-            )
-        if sum(sizes) > self.memory.capacity // 2:
-            raise ResourceExhaustedError(
-                f"a batch of {sum(sizes)} bytes exceeds half the memory tier ({self.memory.capacity} bytes); "
-                "send smaller batches",
                 code="CAPACITY_EXHAUSTED",
             )
         deadline = time.monotonic() + self.reserve_timeout
@@ -274,8 +288,26 @@ class BlockStore:
         ``indices[i]`` (``written`` is False for a block larger than its slot).
 
         Blocks only on disk are first read into the arena (verified, and promoted
-        as clean copies), so every byte leaves from registered memory.
+        as clean copies), so every byte leaves from registered memory. A batch
+        larger than a quarter of the arena is served in parts.
         """
+        lengths: list[int | None] = []
+        for key in keys:
+            entry = self.memory.lookup(key)
+            lengths.append(entry.length if entry is not None else None)
+        unknown = [i for i, n in enumerate(lengths) if n is None]
+        if unknown:
+            records = await self._run(lambda: [self.disk.lookup(keys[i]) for i in unknown])
+            for i, record in zip(unknown, records):
+                lengths[i] = record.length if record is not None else None
+        results: list[tuple[int, int, bool] | None] = [None] * len(keys)
+        for indices in self._parts(lengths):
+            part = await self._get_remote_part([keys[i] for i in indices], [capacities[i] for i in indices], indices, transfer)
+            for i, result in zip(indices, part):
+                results[i] = result
+        return results
+
+    async def _get_remote_part(self, keys, capacities, indices, transfer) -> list[tuple[int, int, bool] | None]:
         pinned: list[Resident | None] = [None] * len(keys)
         try:
             for i, key in enumerate(keys):
@@ -286,8 +318,8 @@ class BlockStore:
             missing = [i for i, entry in enumerate(pinned) if entry is None]
             if missing:
                 await self._load_into_arena(keys, missing, pinned)
-            fits = [i for i, e in enumerate(pinned) if e is not None and e.length <= capacities[i]]
-            await transfer([pinned[i].offset for i in fits], [pinned[i].length for i in fits], fits)
+            fits = [j for j, e in enumerate(pinned) if e is not None and e.length <= capacities[j]]
+            await transfer([pinned[j].offset for j in fits], [pinned[j].length for j in fits], [indices[j] for j in fits])
             return [
                 None if e is None else (e.length, e.checksum, e.length <= capacity)
                 for e, capacity in zip(pinned, capacities)

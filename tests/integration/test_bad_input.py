@@ -425,13 +425,18 @@ async def test_checksum_not_matching_the_bytes(raw, value):
     assert await raw.stored(ns, [b"a", b"bad", b"c"]) == [False] * 3
 
 
-async def test_sdk_translates_a_checksum_mismatch(daemon, tenant, monkeypatch):
-    """A writer whose checksums are wrong (a bug, a bit flip) is refused with the entry's index."""
+@pytest.mark.parametrize("transport", ["inline", "auto"])
+async def test_sdk_translates_a_checksum_mismatch(daemon, tenant, monkeypatch, transport):
+    """A writer whose checksums are wrong (a bug, a bit flip) is refused with the entry's index,
+    whether values travel inline or are read from the client's memory by the daemon."""
     import kvstore.client.api as api
+    import kvstore.client.regions as regions
 
     real = api.checksum
-    monkeypatch.setattr(api, "checksum", lambda data: real(data) ^ (1 if data == b"flipped" else 0))
-    async with Client(daemon.address, tenant=tenant) as kv:
+    flipped = lambda data: real(data) ^ (1 if bytes(data) == b"flipped" else 0)  # noqa: E731
+    monkeypatch.setattr(api, "checksum", flipped)
+    monkeypatch.setattr(regions, "checksum", flipped)
+    async with Client(daemon.address, tenant=tenant, transport=transport) as kv:
         with pytest.raises(InvalidArgumentError) as info:
             await kv.put_many([(b"a", b"1"), (b"b", b"2"), (b"c", b"flipped"), (b"d", b"4")])
         exc = info.value

@@ -46,7 +46,7 @@ def test_every_flipped_byte_is_refused(loopback, registered):
             corrupted[index] ^= mask
             with pytest.raises(_native.InvalidRemoteKeyError) as info:
                 loopback.unpack_rkey(bytes(corrupted))
-            assert info.value.code == "INVALID_ARGUMENT"
+            assert info.value.code == "INVALID_REMOTE_KEY"
             assert isinstance(info.value, errors.InvalidArgumentError)
     # The genuine key still works afterwards.
     loopback.unpack_rkey(packed).close()

@@ -59,7 +59,7 @@ def test_codes():
     assert _native.EndpointClosedError("x").code == "TRANSFER_FAILED"
     assert _native.TransportTimeoutError("x").code == "TRANSFER_FAILED"
     assert _native.RegistrationError("x").code == "CAPACITY_EXHAUSTED"
-    assert _native.InvalidRemoteKeyError("x").code == "INVALID_ARGUMENT"
+    assert _native.InvalidRemoteKeyError("x").code == "INVALID_REMOTE_KEY"
 
 
 def test_public_names():
