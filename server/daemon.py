@@ -58,6 +58,7 @@ class Daemon:
             sync_window=config.sync_window_ms / 1000,
             io_threads=config.io_threads,
         )
+        self.store.memory.arena.prefault()
         limit = config.max_message_bytes
         self.server = grpc.aio.server(
             options=[
