@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,9 +243,13 @@ class BlockStore:
         self.memory.pin(entry)
         try:
             view = self.memory.arena.view(entry.offset, entry.length)
-            await asyncio.get_running_loop().run_in_executor(
-                self._pool, partial(self.disk.write, [(entry.key, view, entry.length, entry.checksum, entry.seq)], sync=False)
-            )
+
+            def write_back() -> None:
+                if entry.retired:  # overwritten or deleted while queued: nothing to keep
+                    return
+                self.disk.write([(entry.key, view, entry.length, entry.checksum, entry.seq)], sync=False)
+
+            await asyncio.get_running_loop().run_in_executor(self._pool, write_back)
             self.memory.mark_clean(entry)
         except Exception:
             log.exception("write-back of a memory-durability block failed; it stays dirty in memory")
