@@ -1,48 +1,76 @@
-"""``python -m bench``: SDK throughput against one daemon; ``python -m bench storage``: layouts on disk."""
+"""``python -m bench``: kvstore's put/get next to memcpy, loopback TCP and peer stores;
+``python -m bench storage``: layouts on disk."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from bench import limits, report, storage
-from bench.kvstore_runner import MIN_BLOCK_SIZE, Daemon, run_sizes
-from bench.measure import BenchError, blocks_for
-from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers, run_peer
+from bench import plot, report, storage, suite
+from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, Daemon
+from bench.measure import BenchError
+from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers
 from bench.progress import Progress
+from bench.workers import WorkerPool
 from kvstore.errors import KVStoreError
 from kvstore.units import parse_size
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB"
-VOLUME, QUICK_VOLUME = 256 << 20, 32 << 20
-MIN_CALLS, QUICK_MIN_CALLS = 4, 2
-REPEATS = 3
+DEFAULT_CONCURRENCY = "1,4"
+DEFAULT_BATCH, QUICK_BATCH = 32, 8
+VOLUME, QUICK_VOLUME = 512 << 20, 16 << 20
+MIN_CALLS, QUICK_MIN_CALLS = 4, 1
+REPEATS, QUICK_REPEATS = 3, 1
 STORAGE_REPEATS = 5  # disk timings are noisier than memory ones
 MAX_BLOCK_SIZE = 256 << 20  # the daemon's default max_value_size
+DAEMON_MEMORY = "4GiB"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Put and get GB/s, ops/s and latency through the kvstore SDK against one local daemon, "
-        "next to memcpy and loopback TCP measured in the same run.",
+        description="Put and get GB/s and latency of kvstore (zero-copy over shared memory and over TCP, inline) "
+        "against one local daemon, from 1 and 4 client processes, next to memcpy, loopback TCP and peer "
+        "stores (Redis, Mooncake Store, LMCache) measured in the same run; a table and a PNG plot.",
     )
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated block sizes (default {DEFAULT_SIZES})")
-    p.add_argument("--batch", type=int, default=8, help="blocks per put_many/get_many call (default 8)")
-    p.add_argument("--volume", help="bytes to move per case (default 256MiB; 32MiB with --quick)")
     p.add_argument(
-        "--min-calls", type=int, help=f"calls per case at least, for latency samples (default {MIN_CALLS}; {QUICK_MIN_CALLS} with --quick)"
+        "--batch", type=int, help=f"blocks per call (default {DEFAULT_BATCH}; {QUICK_BATCH} with --quick)"
+    )
+    p.add_argument(
+        "--concurrency", default=DEFAULT_CONCURRENCY,
+        help=f"comma-separated client process counts, each case run with each (default {DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument("--volume", help="bytes to move per case over all its clients (default 512MiB; 16MiB with --quick)")
+    p.add_argument(
+        "--min-calls", type=int,
+        help=f"calls per case at least, for latency samples (default {MIN_CALLS}; {QUICK_MIN_CALLS} with --quick)",
     )
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run (well under a minute)")
-    p.add_argument("--daemon-memory", default="2GiB", help="the daemon's memory tier (default 2GiB)")
+    p.add_argument("--daemon-memory", default=DAEMON_MEMORY, help=f"the daemon's memory tier (default {DAEMON_MEMORY})")
     p.add_argument("--data-dir", help="the daemon's data directory (default: a temporary one, removed after)")
-    p.add_argument("--repeats", type=int, help=f"runs of each reference limit; the best is kept (default {REPEATS})")
-    p.add_argument("--output", help=f"markdown file to write (default {_shown(report.DEFAULT_OUTPUT)}); raw numbers go next to it as .json")
+    p.add_argument(
+        "--max-batch-bytes",
+        help="max_batch_bytes of the kvstore clients: the SDK splits a call into RPCs of at most this many bytes "
+        "(default: the SDK's, 32MiB)",
+    )
+    p.add_argument(
+        "--repeats", type=int,
+        help=f"runs of each limit case (memcpy, TCP); the best is kept (default {REPEATS}; {QUICK_REPEATS} with --quick)",
+    )
+    p.add_argument(
+        "--output",
+        help=f"markdown file to write (default {_shown(report.DEFAULT_OUTPUT)}); raw numbers go next to it as "
+        ".json, the plot as .png",
+    )
     p.add_argument("--no-progress", action="store_true", help="draw no progress bar")
+    p.add_argument(
+        "--no-warmup", action="store_true",
+        help="measure fresh stores: skip the unmeasured put of the largest case that touches each store's memory first",
+    )
     p.add_argument(
         "--peers",
         default=",".join(DEFAULT_PEERS),
@@ -85,6 +113,16 @@ def _default(value, default):
     return default if value is None else value
 
 
+def _zero_copy_unavailable() -> str | None:
+    try:
+        from kvstore import _native
+    except ImportError as exc:
+        return f"kvstore._native is not built ({exc})"
+    if not _native.available():
+        return _native.unavailable_reason() or "UCX is unavailable"
+    return None
+
+
 def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     sizes = list(dict.fromkeys(_size(parser, "--sizes", part) for part in args.sizes.split(",") if part.strip()))
     if not sizes:
@@ -92,61 +130,97 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for size in sizes:
         if not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE:
             parser.error(f"--sizes: {size} bytes is outside {MIN_BLOCK_SIZE} B .. 256 MiB")
+    try:
+        levels = sorted({int(part) for part in args.concurrency.split(",") if part.strip()})
+    except ValueError:
+        parser.error("--concurrency: give comma-separated whole numbers, e.g. 1,4")
+    if not levels or levels[0] < 1 or levels[-1] > 64:
+        parser.error("--concurrency: client counts must be between 1 and 64")
     volume = _size(parser, "--volume", args.volume) if args.volume else (QUICK_VOLUME if args.quick else VOLUME)
     min_calls = _default(args.min_calls, QUICK_MIN_CALLS if args.quick else MIN_CALLS)
-    repeats = _default(args.repeats, REPEATS)
+    repeats = _default(args.repeats, QUICK_REPEATS if args.quick else REPEATS)
+    batch = _default(args.batch, QUICK_BATCH if args.quick else DEFAULT_BATCH)
     memory = _size(parser, "--daemon-memory", args.daemon_memory)
-    if args.batch < 1 or min_calls < 1 or repeats < 1 or volume < 1:
+    max_batch_bytes = _size(parser, "--max-batch-bytes", args.max_batch_bytes) if args.max_batch_bytes else None
+    if batch < 1 or min_calls < 1 or repeats < 1 or volume < 1:
         parser.error("--batch, --min-calls, --repeats and --volume must be positive")
-    blocks = {size: blocks_for(volume, size, batch=args.batch, min_calls=min_calls) for size in sizes}
+    plan = suite.Plan(sizes=sizes, batch=batch, levels=levels, volume=volume, min_calls=min_calls)
+    try:
+        suite.check_sizes(plan, memory)
+    except BenchError as exc:
+        parser.error(str(exc))
     names = [] if args.peers.strip().lower() == "none" else [n.strip() for n in args.peers.split(",") if n.strip()]
     try:
         # Mooncake evicts above 90% of its segment: room for the largest case twice over.
-        peers = available_peers(names, segment_bytes=max(2 << 30, 2 * max(n * s for s, n in blocks.items())))
+        peers = available_peers(names, segment_bytes=max(2 << 30, 2 * plan.largest_case()))
     except ValueError as exc:
         parser.error(f"--peers: {exc}")
 
+    no_zero_copy = _zero_copy_unavailable()
+    modes = ("inline",) if no_zero_copy else ("shm", "tcp", "inline")
+    disk_modes = ("inline",) if no_zero_copy else ("shm",)
     info = report.machine_info()
     owned_dir = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="kvstore-bench-") if owned_dir else args.data_dir)
+    output = Path(args.output or report.DEFAULT_OUTPUT)
     settings = {
         "sizes": sizes,
-        "batch": args.batch,
+        "batch": batch,
+        "concurrency": levels,
         "volume": volume,
         "min_calls": min_calls,
         "repeats": repeats,
         "quick": args.quick,
         "daemon_memory": memory,
+        "daemon_ucx_tls": DAEMON_UCX_TLS,
+        "max_batch_bytes": max_batch_bytes,
+        "warmup": not args.no_warmup,
         "data_dir": str(data_dir),
         "data_dir_filesystem": report.filesystem_of(data_dir),
-        "blocks_per_case": {str(size): n for size, n in blocks.items()},
+        "calls_per_client": {f"{size}x{c}": plan.calls(size, c) for size in sizes for c in levels},
         "peers": [],
     }
-    # Three kvstore cases and two limits (each run ``repeats`` times) per size.
-    total = sum(n * size * (3 + 2 * repeats) for size, n in blocks.items())
-    total += sum(2 * n * size for size, n in blocks.items()) * sum(1 for spec in peers if spec.reason is None)
-    daemon_status = None
+    notes: list[str] = []
+    if no_zero_copy:
+        notes.append(f"kvstore zero-copy rows: skipped: {no_zero_copy}")
+    kv_cases = 2 * len(modes) + len(disk_modes)
+    peer_cases = 2 * sum(1 for spec in peers if spec.reason is None)
+    total = plan.total_bytes(kv_cases, peer_cases) + plan.total_bytes(0, 0) * (repeats - 1)
+    results = []
+    daemon = None
+    pool = None
     try:
         with Progress(total, enabled=not args.no_progress) as progress:
             # The daemon starts first so that a bad setting fails the run at once; it idles during the limits.
-            progress.stage("starting kvstore-server")
-            daemon = Daemon(data_dir, memory).start()
+            progress.stage("starting kvstore-server and client processes")
+            daemon = Daemon(data_dir, memory, extra_args=("--ucx-tls", DAEMON_UCX_TLS)).start()
+            pool = WorkerPool(plan.processes, levels)
             try:
-                measured = {}
-                for size in sizes:
-                    label = report.size_label(size)
-                    progress.stage(f"{label} memcpy")
-                    copy = limits.memcpy(size, blocks[size], repeats=repeats, progress=progress)
-                    progress.stage(f"{label} loopback TCP")
-                    tcp = limits.tcp_loopback(size, blocks[size], repeats=repeats, progress=progress)
-                    measured[size] = [copy, tcp]
-                runs = asyncio.run(run_sizes(daemon.address, sizes, blocks, batch=args.batch, progress=progress))
-            except KVStoreError as exc:
-                raise BenchError(f"{type(exc).__name__}: {exc}\n--- kvstore-server log ---\n{daemon.log_tail()}") from exc
+                best = {}
+                for _ in range(repeats):
+                    for r in suite.run_limits(pool, plan, progress):
+                        key = (r.system, r.block_size, r.concurrency)
+                        if key not in best or r.seconds < best[key].seconds:
+                            best[key] = r
+                results += best.values()
+                kv_results, kv_notes, described = suite.run_kvstore(
+                    pool, daemon.address, plan, progress, modes=modes, disk_modes=disk_modes,
+                    max_batch_bytes=max_batch_bytes, warm=not args.no_warmup,
+                )
+                results += kv_results
+                notes += kv_notes
+                settings["kvstore_clients"] = described
+                stats = Admin(daemon.address).stats()
+                settings["daemon_data_plane"] = stats["data_plane"]
+            except (KVStoreError, BenchError) as exc:
+                raise BenchError(f"{exc}\n--- kvstore-server log ---\n{daemon.log_tail()}") from exc
             finally:
                 progress.stage("stopping kvstore-server")
-                daemon_status = daemon.stop()
-            # Peers run after the daemon has stopped, each alone on the machine; one that fails is noted, not fatal.
+                pool.shutdown()
+                pool = None
+                settings["daemon_exit_status"] = daemon.stop()
+            # Peers run after the daemon has stopped, each alone on the machine with fresh client
+            # processes; one that fails is noted, not fatal.
             for spec in peers:
                 if spec.reason:
                     settings["peers"].append(f"{spec.name}: skipped: {spec.reason}")
@@ -154,25 +228,45 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 progress.stage(f"starting {spec.name}")
                 try:
                     with spec.factory() as peer:
-                        settings["peers"].append(peer.describe())
-                        for size in sizes:
-                            measured[size].extend(run_peer(peer, size, blocks[size], batch=args.batch, progress=progress))
+                        described = peer.describe()
+                        pool = WorkerPool(plan.processes, levels)
+                        try:
+                            peer_results, peer_notes = suite.run_peer(pool, peer, plan, progress, warm=not args.no_warmup)
+                        finally:
+                            pool.shutdown()
+                            pool = None
+                        settings["peers"].append(described + (f"; {', '.join(map(str, levels))} client processes"
+                                                              if peer.max_clients is None else ""))
+                        results += peer_results
+                        notes += peer_notes
                 except BenchError as exc:
                     settings["peers"].append(f"{spec.name}: FAILED: {str(exc).splitlines()[0]}")
                     print(f"bench: {spec.name} failed: {exc}", file=sys.stderr)
     finally:
+        if pool is not None:
+            pool.shutdown()
+        if daemon is not None:
+            daemon.stop()
         if owned_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
 
-    for run in runs:
-        run.results.extend(measured[run.block_size])
-    settings["daemon_exit_status"] = daemon_status
-    markdown = report.render_sdk(info, settings, runs)
+    info["load_average_end"] = report._load()
+    why_no_plot = plot.unavailable()
+    png = output.with_suffix(".png")
+    if why_no_plot is None:
+        settings["plot"] = str(png)
+    else:
+        notes.append(f"plot: skipped: {why_no_plot}")
+    markdown = report.render_sdk(info, settings, results, notes)
     print(markdown, end="")
-    paths = report.write_report(markdown, report.sdk_json(info, settings, runs), args.output or report.DEFAULT_OUTPUT)
-    print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
-    if daemon_status != 0:
-        print(f"bench: kvstore-server exited with status {daemon_status} on SIGTERM\n{daemon.log_tail()}", file=sys.stderr)
+    paths = report.write_report(markdown, report.sdk_json(info, settings, results, notes), output)
+    if why_no_plot is None:
+        plot.write_plot(results, png, title=f"kvstore bench, batches of {plan.batch} blocks ({info['date']})")
+        paths = (*paths, png)
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    status = settings["daemon_exit_status"]
+    if status != 0:
+        print(f"bench: kvstore-server exited with status {status} on SIGTERM\n{daemon.log_tail()}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,10 +1,23 @@
-"""kvstore through its SDK: a real daemon as a subprocess, and the timed cases
-(put with "disk" and "memory" durability, get) for one block size at a time."""
+"""kvstore through its SDK: one real daemon as a subprocess for every kvstore
+case, its three client paths, and the admin calls the bench makes between
+cases (statistics, waiting for write-back, emptying the namespace).
+
+The client paths (each a ``Client`` per bench client process, bench.workers):
+
+  zero-copy (shm)  transport "ucx", ucx_tls "shm,tcp": the daemon reads and writes
+                   the client's registered buffers over shared memory (UCX picks
+                   shm/CMA for a peer on the same host); put_from / get_into
+  zero-copy (tcp)  transport "ucx", ucx_tls "tcp": the same calls, every byte over
+                   UCX's TCP transport (the daemon reaches this client over TCP only)
+  inline           transport "inline": values inside the gRPC messages; put_many /
+                   get_many (what a client without the native module does)
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import re
 import signal
 import subprocess
@@ -13,20 +26,21 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bench.measure import BenchError, Result, SizeRun
-from bench.progress import Progress, quiet
-from bench.report import size_label
-from kvstore.client import Client
+from bench.measure import BenchError
+from bench.workers import MIN_BLOCK_SIZE  # noqa: F401  (re-exported: the bench's smallest block)
 
 TENANT = "bench"
 SUBTENANT = "default"
 LISTENING = re.compile(r"listening on (\S+)")
-# Every value starts with its own key in a field of this many bytes, so a get
-# answered with another key's block cannot pass the comparison.
-KEY_FIELD = 48
-MIN_BLOCK_SIZE = 2 * KEY_FIELD
+# The daemon's zero-copy data plane offers both; each client's ucx_tls picks its path.
+DAEMON_UCX_TLS = "shm,tcp"
+
+# mode -> (system name in the report, key tag)
+MODES = {
+    "shm": ("kvstore zero-copy (shm)", "zcshm"),
+    "tcp": ("kvstore zero-copy (tcp)", "zctcp"),
+    "inline": ("kvstore inline", "inline"),
+}
 
 
 class Daemon:
@@ -116,148 +130,51 @@ class Daemon:
         self.stop()
 
 
-class Values:
-    """Block values: a few random bodies, each value prefixed with its own key."""
-
-    def __init__(self, block_size: int, *, variants: int = 5, seed: int = 0) -> None:
-        if block_size < MIN_BLOCK_SIZE:
-            raise ValueError(f"block size {block_size} is below the {MIN_BLOCK_SIZE}-byte minimum of the bench")
-        rng = np.random.default_rng(seed)
-        self.block_size = block_size
-        self._bodies = [rng.bytes(block_size - KEY_FIELD) for _ in range(variants)]
-
-    def for_key(self, key: bytes, index: int) -> bytes:
-        if len(key) > KEY_FIELD:
-            raise ValueError(f"key {key!r} is longer than {KEY_FIELD} bytes")
-        return key.ljust(KEY_FIELD, b"\0") + self._bodies[index % len(self._bodies)]
 
 
-def key_for(case: str, block_size: int, index: int) -> bytes:
-    return f"bench/{block_size}/{case}/{index:08d}".encode()
+class Admin:
+    """The bench's own calls to the daemon between cases, each on a short-lived inline client."""
 
+    def __init__(self, address: str) -> None:
+        self.address = address
 
-async def timed_puts(
-    kv, case: str, keys: list[bytes], values: Values, durability: str, batch: int, progress: Progress
-) -> Result:
-    """put_many in batches, one call in flight; only the calls are timed."""
-    latencies = []
-    for start in range(0, len(keys), batch):
-        items = [(key, values.for_key(key, start + j)) for j, key in enumerate(keys[start : start + batch])]
-        began = time.perf_counter()
-        stored = await kv.put_many(items, durability=durability)
-        latencies.append(time.perf_counter() - began)
-        if stored != len(items):
-            raise BenchError(f"{case}: put_many stored {stored} of {len(items)} blocks")
-        progress.advance(len(items) * values.block_size)
-    return Result(case, values.block_size, len(keys), sum(latencies), latencies)
+    def _call(self, fn):
+        from kvstore.client import Client
 
+        async def go():
+            async with Client(self.address, tenant=TENANT, subtenant=SUBTENANT, transport="inline") as kv:
+                return await fn(kv)
 
-async def timed_gets(kv, keys: list[bytes], values: Values, batch: int, progress: Progress) -> Result:
-    """get_many in batches; every returned block is compared with what was put."""
-    size = values.block_size
-    latencies = []
-    for start in range(0, len(keys), batch):
-        chunk = keys[start : start + batch]
-        began = time.perf_counter()
-        got = await kv.get_many(chunk)
-        latencies.append(time.perf_counter() - began)
-        if len(got) != len(chunk):
-            raise BenchError(f"get_many returned {len(got)} results for {len(chunk)} keys")
-        for j, (key, value) in enumerate(zip(chunk, got)):
-            if value is None:
-                raise BenchError(f"get missed {key!r}, which was just put")
-            if len(value) != size:
-                raise BenchError(f"get returned {len(value)} bytes for {key!r}; {size} were put")
-            expected = values.for_key(key, start + j)
-            if value != expected:
-                raise BenchError(f"get returned different bytes for {key!r}: {describe_mismatch(value, expected)}")
-        progress.advance(len(chunk) * size)
-    return Result("get", size, len(keys), sum(latencies), latencies)
+        return asyncio.run(go())
 
+    def stats(self) -> dict:
+        return self._call(lambda kv: kv.server_stats())
 
-def describe_mismatch(got: bytes, expected: bytes) -> str:
-    """Where two equal-length values first differ, and whose block ``got`` is if it is another key's."""
-    differ = np.flatnonzero(np.frombuffer(got, dtype=np.uint8) != np.frombuffer(expected, dtype=np.uint8))
-    where = f"first difference at byte {differ[0]} of {len(expected)}, {len(differ)} differing bytes"
-    owner = bytes(got[:KEY_FIELD]).rstrip(b"\0")
-    if differ[0] < KEY_FIELD and owner.startswith(b"bench/"):
-        where += f"; it is the block of {owner!r}"
-    return where
+    def drop(self) -> None:
+        self._call(lambda kv: kv.drop_namespace())
 
+    def settle(self, expected: int, timeout: float = 300) -> float | None:
+        """Wait for the daemon's write-back (``wait_for_disk_blocks``), then for the kernel to
+        write the dirty page cache out (``sync``): one case's disk writes must not slow the next
+        (measured here: a backlog of dirty pages made later write-backs, and so puts, 5x slower).
+        Seconds until the disk tier held ``expected`` blocks, or None on timeout."""
+        waited = self.wait_for_disk_blocks(expected, timeout)
+        os.sync()
+        return waited
 
-async def wait_for_disk_blocks(kv, expected: int, timeout: float) -> float | None:
-    """Seconds until the daemon's disk tier holds ``expected`` blocks, or None on timeout.
+    def wait_for_disk_blocks(self, expected: int, timeout: float = 300) -> float | None:
+        """Seconds until the disk tier holds ``expected`` blocks, or None on timeout.
 
-    "memory" puts are acknowledged before their write-back to disk; waiting for
-    it keeps that background work out of the next case's numbers."""
-    began = time.perf_counter()
-    while time.perf_counter() - began < timeout:
-        stats = await kv.server_stats()
-        if stats["tiers"]["disk"]["blocks"] >= expected:
-            return time.perf_counter() - began
-        await asyncio.sleep(0.05)
-    return None
+        "memory" puts are acknowledged before their write-back to disk; waiting for
+        it keeps that background work out of the next case's numbers."""
 
+        async def wait(kv):
+            began = time.perf_counter()
+            while time.perf_counter() - began < timeout:
+                stats = await kv.server_stats()
+                if stats["tiers"]["disk"]["blocks"] >= expected:
+                    return time.perf_counter() - began
+                await asyncio.sleep(0.05)
+            return None
 
-async def run_size(kv, block_size: int, blocks: int, *, batch: int, progress: Progress | None = None) -> SizeRun:
-    """put (disk), put (memory), then get of the put (disk) blocks; the namespace is emptied after."""
-    progress = progress or quiet()
-    label = size_label(block_size)
-    values = Values(block_size)
-    disk_keys = [key_for("disk", block_size, i) for i in range(blocks)]
-    memory_keys = [key_for("memory", block_size, i) for i in range(blocks)]
-    notes: list[str] = []
-    before = await kv.server_stats()
-
-    # One unmeasured block per kind of call first: channel setup and first-call costs stay out.
-    for durability in ("disk", "memory"):
-        warm = key_for(f"warm-{durability}", block_size, 0)
-        await kv.put_many([(warm, values.for_key(warm, 0))], durability=durability)
-
-    progress.stage(f"{label} put (disk)")
-    put_disk = await timed_puts(kv, "put (disk)", disk_keys, values, "disk", batch, progress)
-    progress.stage(f"{label} put (memory)")
-    put_memory = await timed_puts(kv, "put (memory)", memory_keys, values, "memory", batch, progress)
-
-    written = 2 * blocks + 2
-    waited = await wait_for_disk_blocks(kv, before["tiers"]["disk"]["blocks"] + written, timeout=300)
-    if waited is None:
-        notes.append("put (memory): the write-back to disk had not finished 300 s after the last put; it overlapped the get case.")
-    else:
-        notes.append(
-            "put (memory): acknowledged from the memory tier; the write-back to disk finished "
-            f"{waited:.2f} s after the last put, before the get case."
-        )
-
-    stats = await kv.server_stats()
-    memory = stats["tiers"]["memory"]
-    evicted = stats["evictions"] - before["evictions"]
-    resident = (
-        f"the memory tier held {memory['blocks']} blocks "
-        f"({size_label(memory['bytes'])} of {size_label(memory['capacity_bytes'])})"
-    )
-    if evicted == 0 and memory["blocks"] >= before["tiers"]["memory"]["blocks"] + written:
-        notes.append(f"get: {resident} with no evictions, so every get was served from memory.")
-    else:
-        notes.append(f"get: {resident} after {evicted} evictions, so some gets read from disk.")
-
-    if batch * block_size >= kv.config.max_batch_bytes:
-        notes.append(
-            f"put: each call of {batch} × {label} is split by the SDK into RPCs of at most "
-            f"{size_label(kv.config.max_batch_bytes)} (max_batch_bytes), up to {kv.config.concurrency} in flight."
-        )
-
-    await kv.get_many(disk_keys[:1])
-    progress.stage(f"{label} get")
-    get = await timed_gets(kv, disk_keys, values, batch, progress)
-
-    await kv.drop_namespace()  # each block size starts from an empty memory tier
-    return SizeRun(block_size, [put_disk, put_memory, get], notes)
-
-
-async def run_sizes(
-    address: str, sizes: list[int], blocks: dict[int, int], *, batch: int, progress: Progress | None = None
-) -> list[SizeRun]:
-    async with Client(address, tenant=TENANT, subtenant=SUBTENANT) as kv:
-        await kv.drop_namespace()
-        return [await run_size(kv, size, blocks[size], batch=batch, progress=progress) for size in sizes]
+        return self._call(wait)

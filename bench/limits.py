@@ -1,85 +1,108 @@
 """What the machine itself can do for one block size: memcpy and loopback TCP.
 
 These are the ceilings the kvstore numbers are read against: a get through the
-SDK can at best move bytes as fast as one TCP connection on 127.0.0.1, and
-that connection at best as fast as a memcpy. Each is timed ``repeats`` times
-and the best run is kept, as a ceiling should be.
+SDK can at best move bytes as fast as one TCP connection on 127.0.0.1 (for
+the TCP-only path) or a memcpy (for the co-located, shared-memory path). Both
+run in the bench's client processes (bench.workers) like every other case: a
+batch of blocks per call, 1 or N processes at once.
+
+memcpy   each call copies the batch block by block (``np.copyto``) from one
+         prefaulted buffer into another (both batch-sized, reused every call).
+TCP      one 127.0.0.1 connection per process: a sender thread streams the
+         batch ``calls`` times, the process ``recv_into``s each batch into a
+         prefaulted batch-sized buffer; a call's latency is the time between
+         two batch completions.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 
 import numpy as np
 
-from bench.measure import BenchError, Result
-from bench.progress import Progress, quiet
+from bench.measure import BenchError
+from bench.workers import BARRIER_TIMEOUT, BlockValues, Driver
+
+MEMCPY = "memcpy"
+TCP = "loopback TCP"
 
 
-def memcpy(block_size: int, blocks: int, *, repeats: int = 3, progress: Progress | None = None) -> Result:
-    """Copy one block-sized buffer into a preallocated destination ``blocks`` times."""
-    progress = progress or quiet()
-    src = np.frombuffer(os.urandom(block_size), dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the destination's pages in before timing
-    best = None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(blocks):
+class MemcpyDriver(Driver):
+    """The memory-bandwidth limit: copy a batch block by block between two prefaulted buffers."""
+
+    def prepare(self, block_size, batch, dst_blocks):
+        self.values = BlockValues(block_size)
+        self.size, self.batch = block_size, batch
+        self.src = np.empty(batch * block_size, dtype=np.uint8)
+        self.values.fill(self.src, batch)
+        self.dst = np.zeros(batch * block_size, dtype=np.uint8)
+        self.pairs = [(self.values.block(self.dst, j), self.values.block(self.src, j)) for j in range(batch)]
+        self.copy()
+
+    def copy(self) -> None:
+        for dst, src in self.pairs:
             np.copyto(dst, src)
-        elapsed = time.perf_counter() - started
-        best = elapsed if best is None else min(best, elapsed)
-        progress.advance(blocks * block_size)
-    if not np.array_equal(dst, src):
-        raise BenchError("memcpy produced different bytes")
-    return Result("memcpy", block_size, blocks, best)
+
+    def release(self):
+        self.pairs = []
+        super().release()
 
 
-def tcp_loopback(block_size: int, blocks: int, *, repeats: int = 3, progress: Progress | None = None) -> Result:
-    """Send ``blocks`` blocks over one 127.0.0.1 connection from a thread; the
-    receiver reads each block into a preallocated buffer with ``recv_into``."""
-    progress = progress or quiet()
-    payload = os.urandom(block_size)
-    received = bytearray(block_size)
-    view = memoryview(received)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        sender = socket.create_connection(listener.getsockname())
-        receiver, _ = listener.accept()
-    best = None
-    try:
-        for _ in range(repeats):
-            failure: list[BaseException] = []
+class TcpDriver(Driver):
+    """The loopback-socket limit: one 127.0.0.1 connection per worker; a sender thread streams
+    each batch, the worker ``recv_into``s it (one batch-sized destination, reused)."""
 
-            def send() -> None:
-                try:
-                    for _ in range(blocks):
-                        sender.sendall(payload)
-                except BaseException as exc:  # reported by the receiving side
-                    failure.append(exc)
+    def prepare(self, block_size, batch, dst_blocks):
+        self.values = BlockValues(block_size)
+        self.size, self.batch = block_size, batch
+        self.src = np.empty(batch * block_size, dtype=np.uint8)
+        self.values.fill(self.src, batch)
+        self.dst = np.zeros(batch * block_size, dtype=np.uint8)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.sender = socket.create_connection(listener.getsockname())
+            self.receiver, _ = listener.accept()
 
-            thread = threading.Thread(target=send, name="bench-tcp-sender", daemon=True)
-            started = time.perf_counter()
-            thread.start()
-            for _ in range(blocks):
-                filled = 0
-                while filled < block_size:
-                    n = receiver.recv_into(view[filled:], block_size - filled)
-                    if n == 0:
-                        raise BenchError(f"loopback TCP closed early: {failure or 'no error from the sender'}")
-                    filled += n
-            elapsed = time.perf_counter() - started
-            thread.join()
-            if failure:
-                raise BenchError(f"loopback TCP sender failed: {failure[0]!r}")
-            best = elapsed if best is None else min(best, elapsed)
-            progress.advance(blocks * block_size)
-    finally:
+    def stream(self, calls: int, barrier) -> tuple[float, float, list[float]]:
+        payload = memoryview(self.src)
+        view = memoryview(self.dst)
+        total = len(view)
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                for _ in range(calls):
+                    self.sender.sendall(payload)
+            except BaseException as exc:  # reported by the receiving side
+                failure.append(exc)
+
+        thread = threading.Thread(target=send, name="bench-tcp-sender", daemon=True)
+        if barrier is not None:
+            barrier.wait(BARRIER_TIMEOUT)
+        started = time.perf_counter()
+        thread.start()
+        stamps = [started]
+        for _ in range(calls):
+            filled = 0
+            while filled < total:
+                n = self.receiver.recv_into(view[filled:], total - filled)
+                if n == 0:
+                    raise BenchError(f"loopback TCP closed early: {failure or 'no error from the sender'}")
+                filled += n
+            stamps.append(time.perf_counter())
+        thread.join()
         view.release()
-        sender.close()
-        receiver.close()
-    if received != payload:
-        raise BenchError("loopback TCP delivered different bytes")
-    return Result("loopback TCP", block_size, blocks, best)
+        payload.release()
+        if failure:
+            raise BenchError(f"loopback TCP sender failed: {failure[0]!r}")
+        if not np.array_equal(self.dst, self.src):
+            raise BenchError("loopback TCP delivered different bytes")
+        return started, stamps[-1], [b - a for a, b in zip(stamps, stamps[1:])]
+
+    def release(self):
+        for sock in (getattr(self, "sender", None), getattr(self, "receiver", None)):
+            if sock is not None:
+                sock.close()
+        self.sender = self.receiver = None
+        super().release()

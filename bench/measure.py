@@ -16,8 +16,9 @@ class BenchError(RuntimeError):
 class Result:
     """``blocks`` blocks of ``block_size`` bytes moved in ``seconds``.
 
-    ``latencies`` holds one duration per SDK call (each call moves a batch);
-    the reference limits have none.
+    ``latencies`` holds one duration per call (each call moves a batch), over
+    every client process of the case. ``system``, ``op`` and ``concurrency``
+    (client processes) place the result in the comparison tables.
     """
 
     case: str
@@ -25,6 +26,9 @@ class Result:
     blocks: int
     seconds: float
     latencies: list[float] = field(default_factory=list)
+    system: str = ""
+    op: str = ""
+    concurrency: int = 1
 
     @property
     def nbytes(self) -> int:
@@ -53,6 +57,9 @@ class Result:
     def to_dict(self) -> dict:
         return {
             "case": self.case,
+            "system": self.system,
+            "op": self.op,
+            "concurrency": self.concurrency,
             "block_size": self.block_size,
             "blocks": self.blocks,
             "bytes": self.nbytes,
@@ -64,18 +71,6 @@ class Result:
             "p99_ms": self.p99_ms,
             "latencies_ms": [round(s * 1e3, 4) for s in self.latencies],
         }
-
-
-@dataclass
-class SizeRun:
-    """Every case of one block size, with the notes a reader needs to interpret them."""
-
-    block_size: int
-    results: list[Result]
-    notes: list[str] = field(default_factory=list)
-
-    def get(self, case: str) -> Result | None:
-        return next((r for r in self.results if r.case == case), None)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -94,3 +89,10 @@ def blocks_for(volume: int, block_size: int, *, batch: int = 1, min_calls: int =
     and at least ``min_calls`` batches so that latency percentiles have samples."""
     calls = max(min_calls, math.ceil(volume / (block_size * batch)))
     return calls * batch
+
+
+def calls_per_client(volume: int, block_size: int, *, batch: int, min_calls: int, concurrency: int) -> int:
+    """Calls each of ``concurrency`` clients makes so that together they move about
+    ``volume`` bytes in at least ``min_calls`` calls (every client makes at least one)."""
+    total = blocks_for(volume, block_size, batch=batch, min_calls=min_calls) // batch
+    return max(1, math.ceil(total / concurrency))

@@ -9,10 +9,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-from bench.measure import Result, SizeRun
+from bench.measure import Result
 
-KVSTORE_CASES = ("put (disk)", "put (memory)", "get")
-LIMIT_CASES = ("memcpy", "loopback TCP")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.md"
 DEFAULT_STORAGE_OUTPUT = Path(__file__).resolve().parent / "results" / "storage.md"
 
@@ -77,6 +75,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "kvstore_version": kvstore.__version__,
         "git_commit": _git_commit(),
+        "load_average": _load(),
     }
     for module in ("grpc", "numpy"):
         try:
@@ -84,6 +83,14 @@ def machine_info() -> dict:
         except ImportError:
             info[f"{module}_version"] = None
     return info
+
+
+def _load() -> list[float] | None:
+    """1, 5 and 15-minute load averages: other work on the machine moves every number."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str:
@@ -148,9 +155,14 @@ def _where(directory: str, filesystem: str | None) -> str:
 def _machine_lines(info: dict) -> list[str]:
     memory = f", {size_label(info['memory_bytes'])} RAM" if info.get("memory_bytes") else ""
     commit = f" (commit {info['git_commit']})" if info.get("git_commit") else ""
+    load = ""
+    if info.get("load_average"):
+        load = f"; load average {' / '.join(map(str, info['load_average']))} (1/5/15 min) at the start"
+        if info.get("load_average_end"):
+            load += f", {' / '.join(map(str, info['load_average_end']))} at the end"
     return [
         f"- **date**: {info['date']}",
-        f"- **machine**: {info['cpu_count']} CPUs ({info['cpu_model']}){memory}, {info['platform']}",
+        f"- **machine**: {info['cpu_count']} CPUs ({info['cpu_model']}){memory}, {info['platform']}{load}",
         f"- **software**: Python {info['python']}, kvstore {info['kvstore_version']}{commit}, "
         f"grpcio {info.get('grpc_version')}, numpy {info.get('numpy_version')}",
     ]
@@ -158,112 +170,219 @@ def _machine_lines(info: dict) -> list[str]:
 
 # -- the SDK benchmark ---------------------------------------------------------
 
+MEMCPY, TCP = "memcpy", "loopback TCP"
+LIMIT_CASES = (MEMCPY, TCP)
+LIMIT_OPS = {MEMCPY: "copy", TCP: "send"}
+TARGET_SIZE = 1 << 20
+# (kvstore system, reference system, at least this many times the reference's GB/s),
+# checked for put and get at TARGET_SIZE, for every concurrency measured.
+TARGETS = (
+    ("kvstore zero-copy (shm)", MEMCPY, 0.7),
+    ("kvstore zero-copy (shm)", "mooncake (shm)", 1.0),
+    ("kvstore zero-copy (shm)", "redis", 5.0),
+    ("kvstore zero-copy (tcp)", TCP, 0.5),
+    ("kvstore zero-copy (tcp)", "mooncake (tcp)", 1.2),
+    ("kvstore zero-copy (tcp)", "redis", 5.0),
+)
 
-def render_sdk(info: dict, settings: dict, runs: list[SizeRun]) -> str:
-    lines = ["# kvstore benchmark: SDK put/get against one daemon", ""]
+
+def ratio(x: float | None) -> str:
+    """A multiple: "0.012×", "0.52×", "1.18×", "27×"."""
+    if x is None:
+        return "–"
+    if x >= 10:
+        return f"{x:.0f}×"
+    if x >= 0.1:
+        return f"{x:.2f}×"
+    return f"{x:.3f}×"
+
+
+def is_kvstore(system: str) -> bool:
+    return system.startswith("kvstore")
+
+
+class Index:
+    """Results by (system, op, concurrency, block size), and the reference row of each."""
+
+    def __init__(self, results: list[Result]) -> None:
+        self.results = results
+        self._by = {(r.system, r.op, r.concurrency, r.block_size): r for r in results}
+        self.systems = list(dict.fromkeys(r.system for r in results))
+        self.sizes = sorted({r.block_size for r in results})
+        self.levels = sorted({r.concurrency for r in results})
+        self.peers = [s for s in self.systems if s not in LIMIT_CASES and not is_kvstore(s)]
+
+    def get(self, system: str, op: str, concurrency: int, size: int) -> Result | None:
+        return self._by.get((system, op, concurrency, size))
+
+    def reference(self, result: Result, system: str) -> Result | None:
+        """The row of ``system`` that ``result`` is compared with: a limit's only row, or a
+        peer's row of the same operation ("put (disk)" has no peer counterpart)."""
+        if system in LIMIT_OPS:
+            return self.get(system, LIMIT_OPS[system], result.concurrency, result.block_size)
+        if result.op not in ("put", "get"):
+            return None
+        return self.get(system, result.op, result.concurrency, result.block_size)
+
+    def times(self, result: Result, system: str) -> float | None:
+        ref = self.reference(result, system)
+        return result.gbps / ref.gbps if ref and ref.gbps else None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(system, op) in the order they ran."""
+        return list(dict.fromkeys((r.system, r.op) for r in self.results))
+
+
+def targets(index: Index) -> list[dict]:
+    """The issue's targets at 1 MiB: one entry per (case, op, concurrency, reference)."""
+    out = []
+    if TARGET_SIZE not in index.sizes:
+        return out
+    for system, reference, factor in TARGETS:
+        for conc in index.levels:
+            for op in ("put", "get"):
+                row = index.get(system, op, conc, TARGET_SIZE)
+                if row is None:
+                    continue
+                ref = index.reference(row, reference)
+                entry = {
+                    "system": system, "op": op, "concurrency": conc, "reference": reference,
+                    "target": factor, "gbps": row.gbps, "reference_gbps": ref.gbps if ref else None,
+                    "ratio": row.gbps / ref.gbps if ref and ref.gbps else None,
+                }
+                entry["verdict"] = "n/a" if entry["ratio"] is None else ("PASS" if entry["ratio"] >= factor else "MISS")
+                out.append(entry)
+    return out
+
+
+def render_sdk(info: dict, settings: dict, results: list[Result], notes: list[str]) -> str:
+    index = Index(results)
+    levels = index.levels
+    lines = ["# kvstore benchmark: put/get GB/s and latency next to memcpy, loopback TCP and peer stores", ""]
     lines += _machine_lines(info)
+    clients = " and ".join(str(c) for c in levels)
     lines += [
-        f"- **daemon**: one `kvstore-server` on 127.0.0.1, memory tier {size_label(settings['daemon_memory'])}, "
-        f"data dir {_where(settings['data_dir'], settings.get('data_dir_filesystem'))}",
-        f"- **client**: asyncio `Client`, {settings['batch']} blocks per `put_many`/`get_many` call, one call in flight",
-        f"- **volume**: about {size_label(settings['volume'])} per case, at least {settings['min_calls']} calls"
-        + (" (quick run)" if settings.get("quick") else ""),
-        "",
-        "## Throughput (GB/s)",
-        "",
+        f"- **daemon**: one `kvstore-server` on 127.0.0.1 for every kvstore case, `--ucx-tls {settings['daemon_ucx_tls']}`, "
+        f"memory tier {size_label(settings['daemon_memory'])}, data dir "
+        f"{_where(settings['data_dir'], settings.get('data_dir_filesystem'))}",
+        f"- **clients**: {clients} client processes at once (each its own client and buffers, started together "
+        f"at a barrier); {settings['batch']} blocks per call, one call in flight per client",
+        f"- **volume**: about {size_label(settings['volume'])} per case over all its clients, at least "
+        f"{settings['min_calls']} calls, every client at least one" + (" (quick run)" if settings.get("quick") else ""),
     ]
-    summary = []
-    for run in runs:
-        row = [size_label(run.block_size)]
-        for case in KVSTORE_CASES + LIMIT_CASES:
-            result = run.get(case)
-            row.append(rate(result.gbps) if result else "–")
-        summary.append(row)
-    lines += markdown_table(["block", *KVSTORE_CASES, *LIMIT_CASES], summary, "lrrrrr")
+    for system, described in settings.get("kvstore_clients", {}).items():
+        lines.append(f"- **{system}**: {described}")
+    lines += ["", "## Throughput (GB/s)", ""]
+    headers = ["system", "op"] + [f"{size_label(s)} ×{c}" for s in index.sizes for c in levels]
+    rows = []
+    for system, op in index.rows():
+        row = [system, op]
+        for size in index.sizes:
+            for conc in levels:
+                r = index.get(system, op, conc, size)
+                row.append(rate(r.gbps) if r else "–")
+        rows.append(row)
+    lines += markdown_table(headers, rows, "ll" + "r" * (len(headers) - 2))
+    lines.append("")
+    lines.append("×N: N client processes at once; GB/s is their bytes together over the wall time from the "
+                 "start barrier to the last one's finish.")
 
-    peer_cases = _peer_cases(runs)
-    if peer_cases:
-        lines += ["", "## Peers (GB/s)", "", "Other stores on this machine, measured after kvstore with the same "
-                  "blocks, batches and byte checks; kvstore's put (memory) and get repeated for reference.", ""]
-        reference = ("put (memory)", "get")
+    lines += ["", f"## Targets ({size_label(TARGET_SIZE)} blocks, batches of {settings['batch']}, same run)", ""]
+    checked = targets(index)
+    if checked:
+        groups: dict[tuple, dict[str, dict]] = {}
+        for t in checked:
+            groups.setdefault((t["system"], t["op"], t["concurrency"]), {})[t["reference"]] = t
+        columns = [("limit", (MEMCPY, TCP)), ("Mooncake", ("mooncake (shm)", "mooncake (tcp)")), ("Redis", ("redis",))]
+
+        def cell(t: dict | None) -> str:
+            if t is None:
+                return "–"
+            goal = f"≥ {t['target']:g}× {t['reference']}"
+            if t["ratio"] is None:
+                return f"{goal}: not run"
+            return f"{goal}: {ratio(t['ratio'])} ({rate(t['gbps'])} vs {rate(t['reference_gbps'])} GB/s) **{t['verdict']}**"
+
         rows = []
-        for run in runs:
-            cells = [run.get(case) for case in (*reference, *peer_cases)]
-            rows.append([size_label(run.block_size)] + [rate(r.gbps) if r else "–" for r in cells])
-        headers = ["block", "kvstore put (memory)", "kvstore get", *peer_cases]
-        lines += markdown_table(headers, rows, "l" + "r" * (len(headers) - 1))
+        for (system, op, conc), by_ref in groups.items():
+            row = [f"{system} {op}", f"×{conc}"]
+            for _, refs in columns:
+                row.append(cell(next((by_ref[r] for r in refs if r in by_ref), None)))
+            rows.append(row)
+        lines += markdown_table(["case", "clients", *[f"vs {name}" for name, _ in columns]], rows, "lllll")
+        passed = sum(t["verdict"] == "PASS" for t in checked)
+        missed = sum(t["verdict"] == "MISS" for t in checked)
+        lines += ["", f"{passed} PASS, {missed} MISS" + (
+            f", {len(checked) - passed - missed} not measurable (reference not run)" if passed + missed < len(checked) else ""
+        ) + "."]
+    else:
+        lines.append(f"Not checked: no {size_label(TARGET_SIZE)} zero-copy rows in this run.")
 
-    lines += ["", "## Detail", ""]
-    detail = []
-    for run in runs:
-        memcpy, tcp = run.get("memcpy"), run.get("loopback TCP")
-        for result in run.results:
-            kv = result.case not in LIMIT_CASES  # kvstore's cases and the peers' are timed per call
-            detail.append(
-                [
-                    size_label(run.block_size),
-                    result.case,
-                    rate(result.gbps),
-                    count(result.ops_per_s),
-                    millis(result.p50_ms),
-                    millis(result.p99_ms),
-                    str(result.calls) if kv else "–",
-                    size_label(result.nbytes),
-                    share(result.gbps, memcpy.gbps if memcpy else None) if result.case != "memcpy" else "–",
-                    share(result.gbps, tcp.gbps if tcp else None) if kv else "–",
-                ]
-            )
-    lines += markdown_table(
-        ["block", "case", "GB/s", "ops/s", "p50 ms", "p99 ms", "calls", "moved", "vs memcpy", "vs TCP"],
-        detail,
-        "llrrrrrrrr",
-    )
+    lines += ["", "## Detail and ratios", ""]
+    peers = index.peers
+    headers = ["block", "clients", "system", "op", "GB/s", "ops/s", "p50 ms", "p99 ms", "calls", "moved",
+               "vs memcpy", "vs TCP", *[f"vs {p}" for p in peers]]
+    rows = []
+    for size in index.sizes:
+        for conc in levels:
+            for r in results:
+                if r.block_size != size or r.concurrency != conc:
+                    continue
+                row = [size_label(size), f"×{conc}", r.system, r.op, rate(r.gbps), count(r.ops_per_s),
+                       millis(r.p50_ms), millis(r.p99_ms), str(r.calls), size_label(r.nbytes)]
+                row.append("–" if r.system == MEMCPY else ratio(index.times(r, MEMCPY)))
+                row.append("–" if r.system in LIMIT_CASES else ratio(index.times(r, TCP)))
+                for peer in peers:
+                    row.append(ratio(index.times(r, peer)) if is_kvstore(r.system) else "–")
+                rows.append(row)
+    lines += markdown_table(headers, rows, "llll" + "r" * (len(headers) - 4))
 
     lines += ["", "## Notes", ""]
     lines += [
-        "- GB/s is 10^9 bytes per second; ops/s is blocks per second; p50/p99 are the latency of one "
-        f"`put_many`/`get_many` call of {settings['batch']} blocks.",
-        "- kvstore throughput is bytes over the time spent inside SDK calls; values are built and "
-        "checked outside the timed calls. Each case starts with one unmeasured call.",
-        "- put (disk): acknowledged once the value is appended to a segment file and indexed "
-        "(in the OS page cache, not fsynced). put (memory): acknowledged once in the daemon's memory tier.",
-        "- get reads back the blocks of the put (disk) case; every returned byte is compared with what was put.",
-        f"- memcpy and loopback TCP move the same number of blocks; best of {settings['repeats']} runs. "
-        "memcpy copies one block-sized buffer over and over, so small blocks stay in the CPU caches. "
-        "TCP is one 127.0.0.1 connection: a sender thread, a receiver `recv_into` a preallocated buffer.",
-        "- vs memcpy / vs TCP: the case's GB/s as a share of that limit at the same block size.",
+        "- GB/s is 10^9 bytes per second; ops/s is blocks per second; p50/p99 are the latency of one call "
+        f"(a batch of {settings['batch']} blocks), over every call of every client of the case.",
+        "- vs X: the row's GB/s over X's at the same block size and client count (for a peer: the same "
+        "operation; put (disk) is compared with the limits only).",
+        "- kvstore put is durability \"memory\" (acknowledged once in the daemon's memory tier; written back "
+        "to disk in the background, and the bench waits for that write-back, untimed, before the get case), "
+        "as the peers keep blocks in memory only. put (disk) is acknowledged once the value is appended to a "
+        "segment file and indexed (page cache, not fsynced): the cost of persistence.",
+        "- zero-copy rows: `put_from`/`get_into` on buffers registered once per block size "
+        "(`Client.register`); the daemon moves the bytes by RMA (UCX) between them and its memory tier. "
+        "inline rows: `put_many`/`get_many`, values inside the gRPC messages.",
+        "- Every get case reads back the blocks its put case wrote; each value begins with its own key and "
+        "every byte is compared with what was put (after the timed calls; destinations zeroed before).",
+        "- memcpy: each call copies the batch block by block between two prefaulted buffers (the ceiling of a "
+        "co-located store, which must copy each block once). loopback TCP: one 127.0.0.1 connection per client "
+        "process, a sender thread streaming batches, `recv_into` a prefaulted buffer. "
+        f"Best of {settings['repeats']} runs each.",
+        "- Each block size starts with one unmeasured call per kind of call and client. "
+        + (
+            "Each store (the daemon, each peer) first takes one unmeasured put of the largest case, removed "
+            "before the timed cases, so that first touches of its memory (page faults) are not timed."
+            if settings.get("warmup", True)
+            else "The stores are fresh (--no-warmup): the first cases also pay the first touch of their memory."
+        ),
     ]
     for line in settings.get("peers", []):
         lines.append(f"- peer {line}")
-    for run in runs:
-        for note in run.notes:
-            lines.append(f"- {size_label(run.block_size)}, {note}")
+    for note in notes:
+        lines.append(f"- {note}")
+    if settings.get("plot"):
+        lines += ["", f"Plot: `{settings['plot']}`"]
     return "\n".join(lines) + "\n"
 
 
-def _peer_cases(runs: list[SizeRun]) -> list[str]:
-    """The peers' cases ("redis put", "mooncake (tcp) get"...), in the order they ran."""
-    seen: list[str] = []
-    for run in runs:
-        for result in run.results:
-            if result.case not in KVSTORE_CASES + LIMIT_CASES and result.case not in seen:
-                seen.append(result.case)
-    return seen
-
-
-def sdk_json(info: dict, settings: dict, runs: list[SizeRun]) -> dict:
-    sizes = []
-    for run in runs:
-        memcpy, tcp = run.get("memcpy"), run.get("loopback TCP")
-        results = []
-        for result in run.results:
-            row = result.to_dict()
-            if result.case not in LIMIT_CASES:
-                row["vs_memcpy"] = result.gbps / memcpy.gbps if memcpy else None
-                row["vs_tcp"] = result.gbps / tcp.gbps if tcp else None
-            results.append(row)
-        sizes.append({"block_size": run.block_size, "results": results, "notes": run.notes})
-    return {"machine": info, "settings": settings, "sizes": sizes}
+def sdk_json(info: dict, settings: dict, results: list[Result], notes: list[str]) -> dict:
+    index = Index(results)
+    rows = []
+    for r in results:
+        row = r.to_dict()
+        row["vs"] = {
+            system: index.times(r, system) for system in (MEMCPY, TCP, *index.peers) if system != r.system
+        }
+        rows.append(row)
+    return {"machine": info, "settings": settings, "results": rows, "targets": targets(index), "notes": notes}
 
 
 # -- the storage layout benchmark ---------------------------------------------------

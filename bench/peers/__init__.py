@@ -1,4 +1,5 @@
-"""Peer systems measured next to kvstore in the same run: Redis and Mooncake Store.
+"""Peer systems measured next to kvstore in the same run: Redis, Mooncake Store and
+LMCache's ``lm://`` server (when installed).
 
 Each peer is a context manager that starts its own server processes on free
 127.0.0.1 ports and stops them on exit, and moves batches of blocks with
@@ -14,6 +15,11 @@ byte a get returns.
             continue
         with spec.factory() as peer:
             results = run_peer(peer, block_size, blocks, batch=8)   # [put, get] Results
+
+For client processes of their own (``python -m bench`` runs 1 and 4 at once),
+a started peer hands out ``client_spec()``, a picklable description of its
+servers, and ``attach(spec)`` builds, in another process, a client of those
+servers that starts no server itself.
 
 Peers are optional: their packages are an extra of the bench (see README.md
 beside this file), and a peer whose software is missing reports why through
@@ -62,6 +68,8 @@ class Peer:
     """
 
     name: str = "peer"
+    # How many client processes may use one set of servers at once (None: any number).
+    max_clients: int | None = None
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -113,6 +121,30 @@ class Peer:
         """The last lines of the peer's server logs, for error messages."""
         return ""
 
+    def client_spec(self) -> dict:
+        """What ``attach`` needs to build a client of this peer's servers in another process."""
+        raise NotImplementedError(f"{self.name} has no client for other processes")
+
+
+def attach(spec: dict) -> Peer:
+    """A client-only peer (not started yet) of the servers ``spec`` (a ``client_spec()``) describes."""
+    kind = spec["kind"]
+    if kind == "redis":
+        from bench.peers.redis_peer import RedisPeer
+
+        return RedisPeer(transport=spec["transport"], packer=spec["packer"], attach=spec)
+    if kind == "mooncake":
+        from bench.peers.mooncake_peer import MooncakePeer
+
+        return MooncakePeer(
+            mode=spec["mode"], segment_bytes=spec["segment_bytes"], local_buffer_bytes=spec["local_buffer_bytes"], attach=spec
+        )
+    if kind == "lmcache":
+        from bench.peers.lmcache_peer import LMCachePeer
+
+        return LMCachePeer(attach=spec)
+    raise ValueError(f"unknown peer kind {kind!r}")
+
 
 @dataclass(frozen=True)
 class PeerSpec:
@@ -127,8 +159,9 @@ def available_peers(
     names: Iterable[str] | None = None, *, segment_bytes: int | None = None
 ) -> list[PeerSpec]:
     """Every known peer (or those named: "redis", "redis-unix", "mooncake-tcp",
-    "mooncake-shm", "mooncake-embedded"), each with the reason it cannot run
+    "mooncake-shm", "mooncake-embedded", "lmcache"), each with the reason it cannot run
     here, if any. ``segment_bytes`` sizes Mooncake's memory pool (default 2 GiB)."""
+    from bench.peers.lmcache_peer import LMCachePeer
     from bench.peers.mooncake_peer import MooncakePeer
     from bench.peers.redis_peer import RedisPeer
 
@@ -139,6 +172,7 @@ def available_peers(
         "mooncake-tcp": lambda: MooncakePeer(mode="tcp", **mooncake_kw),
         "mooncake-shm": lambda: MooncakePeer(mode="shm", **mooncake_kw),
         "mooncake-embedded": lambda: MooncakePeer(mode="embedded", **mooncake_kw),
+        "lmcache": lambda: LMCachePeer(),
     }
     display = {
         "redis": RedisPeer.display_name("tcp"),
@@ -146,19 +180,23 @@ def available_peers(
         "mooncake-tcp": MooncakePeer.display_name("tcp"),
         "mooncake-shm": MooncakePeer.display_name("shm"),
         "mooncake-embedded": MooncakePeer.display_name("embedded"),
+        "lmcache": LMCachePeer.display_name(),
     }
-    reasons = {RedisPeer: RedisPeer.unavailable(), MooncakePeer: MooncakePeer.unavailable()}
-    owner = {n: (RedisPeer if n.startswith("redis") else MooncakePeer) for n in known}
     chosen = list(DEFAULT_PEERS if names is None else names)
     unknown = [n for n in chosen if n not in known]
     if unknown:
         raise ValueError(f"unknown peer(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return [PeerSpec(display[n], known[n], reasons[owner[n]]) for n in chosen]
+
+    def owner(n: str):
+        return RedisPeer if n.startswith("redis") else LMCachePeer if n == "lmcache" else MooncakePeer
+
+    reasons = {cls: cls.unavailable() for cls in {owner(n) for n in chosen}}  # imports only what is asked for
+    return [PeerSpec(display[n], known[n], reasons[owner(n)]) for n in chosen]
 
 
 # The peers the bench runs by default: the same-host paths a KV-cache client would use.
-DEFAULT_PEERS = ("redis", "mooncake-tcp", "mooncake-shm")
-ALL_PEERS = ("redis", "redis-unix", "mooncake-tcp", "mooncake-shm", "mooncake-embedded")
+DEFAULT_PEERS = ("redis", "mooncake-tcp", "mooncake-shm", "lmcache")
+ALL_PEERS = ("redis", "redis-unix", "mooncake-tcp", "mooncake-shm", "mooncake-embedded", "lmcache")
 
 
 # -- values and the timed cases ---------------------------------------------

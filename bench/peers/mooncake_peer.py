@@ -114,7 +114,11 @@ class MooncakePeer(Peer):
         local_buffer_bytes: int = DEFAULT_LOCAL_BUFFER_BYTES,
         client_threads: int = 2,
         prefault: bool = False,
+        attach: dict | None = None,
     ) -> None:
+        """``attach`` (from another MooncakePeer's ``client_spec()``): a store client of that
+        peer's servers (master, real client) instead of starting its own (a client in another
+        process; "tcp" and "shm" modes)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
@@ -133,6 +137,14 @@ class MooncakePeer(Peer):
         self._views: dict[int, memoryview] = {}  # address -> the whole registered buffer
         self._free: list[tuple[memoryview, int]] = []
         self._staging: memoryview | None = None
+        self._attach = attach
+        if attach is not None:
+            if mode == "embedded":
+                raise ValueError("an embedded store is its own storage node; it has no servers to attach to")
+            self.master_port, self.client_port = attach["master_port"], attach["client_port"]
+        # Several store clients may share one host: "tcp" ones each open their own Transfer
+        # Engine, "shm" ones are dummy clients of the same real client (as vLLM TP ranks are).
+        self.max_clients = 1 if mode == "embedded" else None
 
     @staticmethod
     def display_name(mode: str) -> str:
@@ -162,9 +174,10 @@ class MooncakePeer(Peer):
             raise PeerError(reason)
         from mooncake.store import MooncakeDistributedStore
 
-        self._start_master()
-        if self.mode in ("tcp", "shm"):
-            self._start_real_client()
+        if self._attach is None:
+            self._start_master()
+            if self.mode in ("tcp", "shm"):
+                self._start_real_client()
         self.store = MooncakeDistributedStore()
         master = f"{HOST}:{self.master_port}"
         if self.mode == "tcp":
@@ -182,6 +195,17 @@ class MooncakePeer(Peer):
         if self.prefault:
             self._prefault()
         return self
+
+    def client_spec(self) -> dict:
+        if self.mode == "embedded":
+            raise NotImplementedError(
+                f"{self.name}: the client is the storage node, so other processes cannot be its clients; "
+                "measure it with python -m bench.peers.mooncake_peer"
+            )
+        return {
+            "kind": "mooncake", "mode": self.mode, "master_port": self.master_port, "client_port": self.client_port,
+            "segment_bytes": self.segment_bytes, "local_buffer_bytes": self.local_buffer_bytes,
+        }
 
     def _prefault(self) -> None:
         """Write most of the segment once and remove it: the segment is plain aligned_alloc memory,

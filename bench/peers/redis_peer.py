@@ -30,7 +30,11 @@ INSTALL = "apt-get install redis-server; pip install 'redis[hiredis]'"
 class RedisPeer(Peer):
     """``redis-server`` started and stopped by this object; ``transport`` is "tcp" or "unix"."""
 
-    def __init__(self, *, transport: str = "tcp", packer: str = "python", server: str | None = None) -> None:
+    def __init__(
+        self, *, transport: str = "tcp", packer: str = "python", server: str | None = None, attach: dict | None = None
+    ) -> None:
+        """``attach`` (from another RedisPeer's ``client_spec()``): connect to that peer's
+        server instead of starting one (a client in another process)."""
         if transport not in ("tcp", "unix"):
             raise ValueError(f"transport must be 'tcp' or 'unix', not {transport!r}")
         if packer not in ("python", "hiredis"):
@@ -45,6 +49,10 @@ class RedisPeer(Peer):
         self.port: int | None = None
         self.socket_path: str | None = None
         self.server_version = "?"
+        self._attach = attach
+        if attach is not None:
+            self.port = attach.get("port")
+            self.socket_path = attach.get("socket_path")
 
     @staticmethod
     def display_name(transport: str) -> str:
@@ -70,8 +78,12 @@ class RedisPeer(Peer):
         reason = self.unavailable()
         if reason:
             raise PeerError(reason)
-        import redis
+        if self._attach is None:
+            self._start_server()
+        self._connect()
+        return self
 
+    def _start_server(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="kvstore-bench-redis-")
         argv = [
             self.server_binary,
@@ -104,6 +116,9 @@ class RedisPeer(Peer):
         if self.transport == "tcp" and not wait_for_port("127.0.0.1", self.port, 10, self._server.alive):
             raise PeerError(f"redis-server is not listening on 127.0.0.1:{self.port}:\n{self._server.log_tail()}")
 
+    def _connect(self) -> None:
+        import redis
+
         kwargs = dict(socket_timeout=300, socket_connect_timeout=10)
         if self.packer == "python":
             try:
@@ -123,7 +138,12 @@ class RedisPeer(Peer):
         self._client = redis.Redis(connection_pool=pool)
         self._client.ping()
         self.server_version = self._client.info("server").get("redis_version", "?")
-        return self
+
+    def client_spec(self) -> dict:
+        return {
+            "kind": "redis", "transport": self.transport, "packer": self.packer,
+            "port": self.port, "socket_path": self.socket_path,
+        }
 
     def stop(self) -> None:
         if self._client is not None:

@@ -69,6 +69,9 @@ class BlockStore:
         self.memory = MemoryTier(memory_bytes)
         self.disk = DiskTier(Path(data_dir), segment_size=segment_size, sync_window=sync_window)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvstore-io")
+        # Write-backs get their own thread: on the request pool, "memory" puts would
+        # queue behind earlier write-backs and be acknowledged at disk speed.
+        self._writeback_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-writeback")
         self._seq = _Sequence()
         self._writebacks: set[asyncio.Task] = set()
         self._closed = False
@@ -249,7 +252,7 @@ class BlockStore:
                     return
                 self.disk.write([(entry.key, view, entry.length, entry.checksum, entry.seq)], sync=False)
 
-            await asyncio.get_running_loop().run_in_executor(self._pool, write_back)
+            await asyncio.get_running_loop().run_in_executor(self._writeback_pool, write_back)
             self.memory.mark_clean(entry)
         except Exception:
             log.exception("write-back of a memory-durability block failed; it stays dirty in memory")
@@ -491,6 +494,7 @@ class BlockStore:
         await self.flush()
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._writeback_pool.shutdown(wait=True)
         self.disk.close()
         self.memory.close()
 
