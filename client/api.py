@@ -34,6 +34,7 @@ DURABILITY = {
     "sync": data_pb2.DURABILITY_SYNC,
 }
 _FRAMING = 4096  # protobuf overhead allowance per block when bounding a batch
+TOO_BIG = "BLOCK_EXCEEDS_MEMORY_TIER"  # the daemon cannot stage it for RMA: it goes inline
 
 
 def _durability(value) -> int:
@@ -241,7 +242,7 @@ class Client:
                 response = await getattr(stub, method)(request, timeout=self.config.timeout)
             except grpc.RpcError as exc:
                 last = translate(exc, conn.endpoint)
-                if not last.retryable or isinstance(last, errors.DeadlineExceededError):
+                if not last.retryable or isinstance(last, errors.DeadlineExceededError) or last.code == TOO_BIG:
                     raise last from None
                 log.debug("retrying %s.%s after %s", service, method, last)
                 if last.code in ("UNKNOWN_CLIENT", "TRANSFER_FAILED") and self._plane is not None:
@@ -317,9 +318,14 @@ class Client:
             region = self._staging.region
             await _copy(lambda: [region.view(o, v.nbytes).__setitem__(slice(None), v) for o, v in zip(offsets, views[start:stop])], total)
             checksums = [region.checksum(o, n) for o, n in zip(offsets, sizes)]
-            return await self._put_region(keys[start:stop], region, offsets, sizes, checksums, level, start)
+            try:
+                return await self._put_region(keys[start:stop], region, offsets, sizes, checksums, level, start)
+            except errors.ResourceExhaustedError as exc:
+                if exc.code != TOO_BIG:
+                    raise
         finally:
             await self._staging.release(base, total)
+        return await self._put_inline(keys, views, start, stop, level)
 
     async def _put_region(self, keys, region: MemoryRegion, offsets, sizes, checksums, level: int, start: int) -> int:
         request = data_pb2.PutRequest(
@@ -371,12 +377,17 @@ class Client:
             views = [region.view(o, n) for o, n in zip(offsets, sizes)]
             return sum(await self._bounded(self._put_inline(keys, views, a, b, level) for a, b in ranges))
         checksums = [region.checksum(o, n) for o, n in zip(offsets, sizes)]
-        return sum(
-            await self._bounded(
-                self._put_region(keys[a:b], region, offsets[a:b], sizes[a:b], checksums[a:b], level, a)
-                for a, b in ranges
-            )
-        )
+
+        async def send(a: int, b: int) -> int:
+            try:
+                return await self._put_region(keys[a:b], region, offsets[a:b], sizes[a:b], checksums[a:b], level, a)
+            except errors.ResourceExhaustedError as exc:
+                if exc.code != TOO_BIG:
+                    raise
+            views = [region.view(o, n) for o, n in zip(offsets, sizes)]
+            return await self._put_inline(keys, views, a, b, level)
+
+        return sum(await self._bounded(send(a, b) for a, b in ranges))
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Delete blocks; returns how many existed."""
@@ -464,7 +475,12 @@ class Client:
             slots=[data_pb2.RemoteSlot(address=region.address + o, capacity=c) for o, c in zip(offsets, capacities)],
         )
         for attempt in (1, 2):
-            response = await self._call("data", "Get", request)
+            try:
+                response = await self._call("data", "Get", request)
+            except errors.ResourceExhaustedError as exc:
+                if exc.code != TOO_BIG:
+                    raise
+                return await self._get_inline_into(keys, region, offsets, capacities, start)
             if len(response.results) != len(keys):
                 raise errors.InternalError(f"the daemon answered {len(response.results)} of {len(keys)} keys")
             out: list[int | None] = []
@@ -482,6 +498,19 @@ class Client:
                 return out
             log.warning("block %d failed its checksum in transit; asking again", start + corrupt)
         raise errors.DataCorruptionError(f"block {start + corrupt} failed its checksum twice in transit", index=start + corrupt)
+
+    async def _get_inline_into(self, keys, region: MemoryRegion, offsets, capacities, start: int) -> list[int | None]:
+        """Blocks too large for the daemon to stage travel inline, then land in the region."""
+        out: list[int | None] = []
+        for value, offset, capacity in zip(await self._get_chunk(start, keys), offsets, capacities):
+            if value is None:
+                out.append(None)
+            elif len(value) > capacity:
+                out.append(-len(value))
+            else:
+                region.view(offset, len(value))[:] = value
+                out.append(len(value))
+        return out
 
     async def get_into(
         self, keys: Sequence[bytes], region: MemoryRegion, offsets: Sequence[int], capacities: Sequence[int]

@@ -196,8 +196,8 @@ class BlockStore:
         if too_big:
             raise ResourceExhaustedError(
                 f"a block of {too_big[0]} bytes exceeds the memory tier's largest extent "
-                f"({self.memory.max_block} bytes); raise --memory",
-                code="CAPACITY_EXHAUSTED",
+                f"({self.memory.max_block} bytes); send it inline or raise --memory",
+                code="BLOCK_EXCEEDS_MEMORY_TIER",
             )
         deadline = time.monotonic() + self.reserve_timeout
         while True:

@@ -105,3 +105,21 @@ def test_sync_client_regions(daemon, tenant, transport):
             kv.put_from([b"x", b"y"], a, [0, 5000], [5000, 5000])
             assert kv.get_into([b"y", b"x"], b, [0, 5000], [5000, 5000]) == [5000, 5000]
     assert dst == src[5000:] + src[:5000]
+
+
+async def test_blocks_larger_than_the_daemon_can_stage_go_inline(tmp_path, tenant, transport):
+    from tests.conftest import ThreadedDaemon
+
+    small = ThreadedDaemon(tmp_path, memory=4 << 20)  # stages blocks up to 2 MiB
+    try:
+        src = bytearray(os.urandom(3 << 20))
+        dst = bytearray(3 << 20)
+        async with Client(small.address, tenant=tenant, transport=transport) as kv:
+            with kv.register(src) as a, kv.register(dst) as b:
+                assert await kv.put_from([b"big", b"small"], a, [0, 0], [3 << 20, 1000]) == 2
+                assert await kv.get_into([b"big"], b, [0], [3 << 20]) == [3 << 20]
+                assert dst == src
+                await kv.put(b"plain", bytes(src))
+                assert await kv.get(b"plain") == bytes(src)
+    finally:
+        small.stop()

@@ -28,6 +28,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORAGE_FAILURE: _ClassVar[ErrorCode]
     DATA_PLANE_UNAVAILABLE: _ClassVar[ErrorCode]
     TRANSFER_FAILED: _ClassVar[ErrorCode]
+    BLOCK_EXCEEDS_MEMORY_TIER: _ClassVar[ErrorCode]
     PERMISSION_DENIED: _ClassVar[ErrorCode]
     DATA_CORRUPTION: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
@@ -50,6 +51,7 @@ SHUTTING_DOWN: ErrorCode
 STORAGE_FAILURE: ErrorCode
 DATA_PLANE_UNAVAILABLE: ErrorCode
 TRANSFER_FAILED: ErrorCode
+BLOCK_EXCEEDS_MEMORY_TIER: ErrorCode
 PERMISSION_DENIED: ErrorCode
 DATA_CORRUPTION: ErrorCode
 
