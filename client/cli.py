@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"endpoints": args.endpoint, "tenant": args.tenant, "subtenant": args.subtenant}
     if args.timeout is not None:
         settings["timeout"] = args.timeout
+    if "KVSTORE_TRANSPORT" not in os.environ:
+        # One-shot commands: registering a staging pool would cost more than it saves.
+        settings["transport"] = "inline"
     try:
         client = SyncClient(**settings)
     except KVStoreError as exc:
