@@ -16,17 +16,14 @@ The client paths (each a ``Client`` per bench client process, bench.workers):
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from bench.measure import BenchError
+from bench.peers import ServerProcess
 from bench.workers import MIN_BLOCK_SIZE  # noqa: F401  (re-exported: the bench's smallest block)
 
 TENANT = "bench"
@@ -43,12 +40,9 @@ MODES = {
 }
 
 
-class Daemon:
-    """``kvstore-server`` on a free 127.0.0.1 port, stopped with SIGTERM.
-
-    Its stderr is drained by a thread for the whole run (a full pipe would
-    stall the daemon's logging), keeping the last lines for error messages.
-    """
+class Daemon(ServerProcess):
+    """``kvstore-server`` on a free 127.0.0.1 port, stopped with SIGTERM (the
+    process plumbing is the peers' ServerProcess: a drained, bounded log)."""
 
     def __init__(self, data_dir: Path, memory: str | int, *, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = Path(data_dir)
@@ -56,10 +50,7 @@ class Daemon:
         self.extra_args = extra_args
         self.address = ""
         self.returncode: int | None = None
-        self._proc: subprocess.Popen | None = None
-        self._log: collections.deque[str] = collections.deque(maxlen=200)
-        self._ready = threading.Event()
-        self._drain: threading.Thread | None = None
+        super().__init__("kvstore-server", self.command)
 
     @property
     def command(self) -> list[str]:
@@ -74,62 +65,27 @@ class Daemon:
         ]
 
     def start(self, timeout: float = 60) -> "Daemon":
-        self._proc = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        self._drain = threading.Thread(target=self._read_stderr, name="bench-daemon-log", daemon=True)
-        self._drain.start()
-        if not self._ready.wait(timeout) or not self.address:
-            exited = self._proc.poll()
+        super().start()
+        if not self.wait_for_log("listening on", timeout):
+            exited = self.proc.poll()
             self.stop(timeout=5)
             why = f"exited with status {exited}" if exited is not None else f"was not listening after {timeout:.0f} s"
             raise BenchError(f"kvstore-server {why}:\n{self.log_tail()}")
+        self.address = next(m.group(1) for m in map(LISTENING.search, list(self._log)) if m)
         return self
-
-    def _read_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        for line in self._proc.stderr:
-            self._log.append(line)
-            if not self.address:
-                match = LISTENING.search(line)
-                if match:
-                    self.address = match.group(1)
-                    self._ready.set()
-        self._ready.set()  # the daemon exited; start() reports it
 
     def stop(self, timeout: float = 120) -> int | None:
         """SIGTERM, then wait for the drain (it flushes write-backs); SIGKILL past ``timeout``."""
-        proc = self._proc
-        if proc is None:
-            return self.returncode
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if self._drain is not None:
-            self._drain.join(5)
-        self.returncode = proc.returncode
-        self._proc = None
+        if self.proc is not None:
+            self.returncode = super().stop(timeout)
+            self.proc = None
         return self.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "".join(list(self._log)[-lines:])
 
     def __enter__(self) -> "Daemon":
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
 
 
 class Admin:

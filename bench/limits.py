@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from bench.measure import BenchError
-from bench.workers import BARRIER_TIMEOUT, BlockValues, Driver
+from bench.workers import BARRIER_TIMEOUT, Driver
 
 MEMCPY = "memcpy"
 TCP = "loopback TCP"
@@ -33,11 +33,8 @@ class MemcpyDriver(Driver):
     """The memory-bandwidth limit: copy a batch block by block between two prefaulted buffers."""
 
     def prepare(self, block_size, batch, dst_blocks):
-        self.values = BlockValues(block_size)
-        self.size, self.batch = block_size, batch
-        self.src = np.empty(batch * block_size, dtype=np.uint8)
-        self.values.fill(self.src, batch)
-        self.dst = np.zeros(batch * block_size, dtype=np.uint8)
+        both = [np.empty(batch * block_size, dtype=np.uint8), np.zeros(batch * block_size, dtype=np.uint8)]
+        self._buffers(block_size, batch, *both)
         self.pairs = [(self.values.block(self.dst, j), self.values.block(self.src, j)) for j in range(batch)]
         self.copy()
 
@@ -55,11 +52,8 @@ class TcpDriver(Driver):
     each batch, the worker ``recv_into``s it (one batch-sized destination, reused)."""
 
     def prepare(self, block_size, batch, dst_blocks):
-        self.values = BlockValues(block_size)
-        self.size, self.batch = block_size, batch
-        self.src = np.empty(batch * block_size, dtype=np.uint8)
-        self.values.fill(self.src, batch)
-        self.dst = np.zeros(batch * block_size, dtype=np.uint8)
+        both = [np.empty(batch * block_size, dtype=np.uint8), np.zeros(batch * block_size, dtype=np.uint8)]
+        self._buffers(block_size, batch, *both)
         with socket.create_server(("127.0.0.1", 0)) as listener:
             self.sender = socket.create_connection(listener.getsockname())
             self.receiver, _ = listener.accept()

@@ -140,6 +140,13 @@ class Driver:
         itself (bytes, for APIs that return values), or None for a miss."""
         raise NotImplementedError
 
+    def _buffers(self, block_size: int, batch: int, src: np.ndarray, dst: np.ndarray) -> None:
+        """Take the put and get buffers of a block size; every put slot gets its body once."""
+        self.values = BlockValues(block_size)
+        self.size, self.batch = block_size, batch
+        self.src, self.dst = src, dst
+        self.values.fill(src, batch)
+
     def release(self) -> None:
         self.src = self.dst = None
 
@@ -189,11 +196,8 @@ class KvstoreDriver(Driver):
         return self.loop.run_until_complete(coro)
 
     def prepare(self, block_size, batch, dst_blocks):
-        self.values = BlockValues(block_size)
-        self.size, self.batch = block_size, batch
-        self.src = np.empty(batch * block_size, dtype=np.uint8)
-        self.values.fill(self.src, batch)
-        self.dst = np.zeros(dst_blocks * block_size, dtype=np.uint8)
+        src = np.empty(batch * block_size, dtype=np.uint8)
+        self._buffers(block_size, batch, src, np.zeros(dst_blocks * block_size, dtype=np.uint8))
         self.src_blocks = [self.values.block(self.src, j) for j in range(batch)]
         if self.mode != "inline":
             self.src_region = self.client.register(self.src)
@@ -252,14 +256,10 @@ class PeerDriver(Driver):
         return self.peer.name
 
     def prepare(self, block_size, batch, dst_blocks):
-        self.values = BlockValues(block_size)
-        self.size, self.batch = block_size, batch
         src_view = self.peer.alloc(batch * block_size)
         dst_view = self.peer.alloc(dst_blocks * block_size)
         self.views = [src_view, dst_view]
-        self.src = np.frombuffer(src_view, dtype=np.uint8)
-        self.dst = np.frombuffer(dst_view, dtype=np.uint8)
-        self.values.fill(self.src, batch)
+        self._buffers(block_size, batch, np.frombuffer(src_view, dtype=np.uint8), np.frombuffer(dst_view, dtype=np.uint8))
         self.dst[:] = 0
         self.src_blocks = [src_view[j * block_size : (j + 1) * block_size] for j in range(batch)]
         self.dst_view = dst_view

@@ -28,6 +28,7 @@ beside this file), and a peer whose software is missing reports why through
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import ctypes
@@ -46,18 +47,14 @@ import numpy as np
 
 from bench.measure import BenchError, Result
 from bench.progress import Progress, quiet
-
-# Every value starts with its own key in a field of this many bytes (as in
-# bench.kvstore_runner), so a get answered with another key's block cannot pass.
-KEY_FIELD = 48
-MIN_BLOCK_SIZE = 2 * KEY_FIELD
+from bench.workers import BlockValues  # one value layout: a key field, then a body
 
 
 class PeerError(BenchError):
     """A peer failed to start or answered a call with an error."""
 
 
-class Peer:
+class Peer(abc.ABC):
     """A store to compare kvstore with. Subclasses set ``name`` and implement the calls.
 
     ``alloc`` hands out memory that the peer can move without an extra copy
@@ -98,20 +95,20 @@ class Peer:
         """A writable buffer of ``nbytes`` bytes, valid until ``stop``."""
         return memoryview(bytearray(nbytes))
 
+    @abc.abstractmethod
     def put_batch(self, keys: Sequence[bytes], values: Sequence[memoryview | bytes]) -> None:
         """Store every value under its key; returns when all are stored, raises PeerError otherwise."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get_batch(self, keys: Sequence[bytes], out: Sequence[memoryview]) -> list[int]:
         """Read each key's value into the caller's buffer; returns the sizes read (-1: missing)."""
-        raise NotImplementedError
 
     def free(self, view: memoryview) -> None:
         """Hand back a buffer from ``alloc`` (the peer may reuse it for a later ``alloc``)."""
 
+    @abc.abstractmethod
     def clear(self) -> None:
         """Remove every stored key (between block sizes, so each starts from an empty store)."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         """One line for the report: version and the settings that shape the numbers."""
@@ -202,45 +199,10 @@ ALL_PEERS = ("redis", "redis-unix", "mooncake-tcp", "mooncake-shm", "mooncake-em
 # -- values and the timed cases ---------------------------------------------
 
 
-class PeerValues:
-    """Key-prefixed block values over a few random bodies (the scheme of bench.kvstore_runner.Values)."""
-
-    def __init__(self, block_size: int, *, variants: int = 5, seed: int = 0) -> None:
-        if block_size < MIN_BLOCK_SIZE:
-            raise ValueError(f"block size {block_size} is below the {MIN_BLOCK_SIZE}-byte minimum of the bench")
-        rng = np.random.default_rng(seed)
-        self.block_size = block_size
-        self._bodies = [np.frombuffer(rng.bytes(block_size - KEY_FIELD), dtype=np.uint8) for _ in range(variants)]
-
-    @staticmethod
-    def key_field(key: bytes) -> np.ndarray:
-        if len(key) > KEY_FIELD:
-            raise ValueError(f"key {key!r} is longer than {KEY_FIELD} bytes")
-        return np.frombuffer(key.ljust(KEY_FIELD, b"\0"), dtype=np.uint8)
-
-    def fill(self, dst: np.ndarray, key: bytes, index: int) -> None:
-        dst[:KEY_FIELD] = self.key_field(key)
-        dst[KEY_FIELD:] = self._bodies[index % len(self._bodies)]
-
-    def check(self, got: np.ndarray, key: bytes, index: int) -> str | None:
-        """None when ``got`` is this key's value, else where it differs."""
-        body = self._bodies[index % len(self._bodies)]
-        head_ok = np.array_equal(got[:KEY_FIELD], self.key_field(key))
-        if head_ok and np.array_equal(got[KEY_FIELD:], body):
-            return None
-        expected = np.concatenate([self.key_field(key), body])
-        differ = np.flatnonzero(got != expected)
-        where = f"first difference at byte {differ[0]} of {len(expected)}, {len(differ)} differing bytes"
-        owner = bytes(got[:KEY_FIELD]).rstrip(b"\0")
-        if not head_ok and owner.startswith(b"bench/"):
-            where += f"; it is the block of {owner!r}"
-        return where
-
-
 def peer_key(peer: Peer, block_size: int, index: int | str) -> bytes:
     tag = "".join(c for c in peer.name if c.isalnum())
     suffix = f"{index:08d}" if isinstance(index, int) else index
-    return f"bench/{block_size}/{tag}/{suffix}".encode()
+    return f"b/{block_size}/{tag}/{suffix}".encode()
 
 
 def _as_array(view: memoryview) -> np.ndarray:
@@ -254,20 +216,20 @@ def run_peer(
     cases "<peer> put" and "<peer> get", one latency sample per call. Every
     returned byte is checked; the peer is cleared after."""
     progress = progress or quiet()
-    values = PeerValues(block_size)
+    values = BlockValues(block_size)
     keys = [peer_key(peer, block_size, i) for i in range(blocks)]
     width = min(batch, blocks)
     src_view = peer.alloc(width * block_size)
     dst_view = peer.alloc(width * block_size)
     src, dst = _as_array(src_view), _as_array(dst_view)
+    values.fill(src, width)  # bodies once; each call stamps its keys
     src_blocks = [src_view[j * block_size : (j + 1) * block_size] for j in range(width)]
     dst_blocks = [dst_view[j * block_size : (j + 1) * block_size] for j in range(width)]
 
     # One unmeasured batch put and got back first: connection setup and first-call costs stay out,
     # and so does the first touch of the buffers (Mooncake's real client maps shared buffers lazily).
     warm = [peer_key(peer, block_size, f"warm{j}") for j in range(width)]
-    for j, key in enumerate(warm):
-        values.fill(src[j * block_size : (j + 1) * block_size], key, j)
+    values.stamp(src, warm)
     peer.put_batch(warm, src_blocks)
     peer.get_batch(warm, dst_blocks)
 
@@ -275,8 +237,7 @@ def run_peer(
     progress.stage(f"{_label(block_size)} {peer.name} put")
     for start in range(0, blocks, batch):
         chunk = keys[start : start + batch]
-        for j, key in enumerate(chunk):  # filled outside the timed call
-            values.fill(src[j * block_size : (j + 1) * block_size], key, start + j)
+        values.stamp(src, chunk)  # outside the timed call
         began = time.perf_counter()
         peer.put_batch(chunk, src_blocks[: len(chunk)])
         put_latencies.append(time.perf_counter() - began)
@@ -297,7 +258,7 @@ def run_peer(
                 raise PeerError(f"{peer.name}: get missed {key!r}, which was just put")
             if size != block_size:
                 raise PeerError(f"{peer.name}: get returned {size} bytes for {key!r}; {block_size} were put")
-            problem = values.check(dst[j * block_size : (j + 1) * block_size], key, start + j)
+            problem = values.check(values.block(dst, j), key, j)
             if problem:
                 raise PeerError(f"{peer.name}: get returned different bytes for {key!r}: {problem}")
         progress.advance(len(chunk) * block_size)
