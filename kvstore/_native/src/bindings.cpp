@@ -159,7 +159,9 @@ std::shared_ptr<kn::MemoryHandle> register_buffer(const std::shared_ptr<kn::Cont
   return kn::MemoryHandle::map(context, address, length, std::move(view));
 }
 
-void post(kn::Direction direction, const std::shared_ptr<kn::Endpoint>& endpoint,
+// Endpoint.get and Endpoint.put: one posting path, bound once per direction.
+template <kn::Direction direction>
+void post(const std::shared_ptr<kn::Endpoint>& endpoint,
           const std::shared_ptr<kn::MemoryHandle>& local,
           const std::vector<std::int64_t>& local_offsets,
           const std::vector<std::uint64_t>& remote_addresses,
@@ -296,30 +298,10 @@ NB_MODULE(_ext, m) {
             return kn::RemoteKey::unpack(endpoint, raw, region_address, region_length);
           },
           "packed"_a, "region_address"_a = 0, "region_length"_a = 0)
-      .def(
-          "get",
-          [](const std::shared_ptr<kn::Endpoint>& endpoint,
-             const std::shared_ptr<kn::MemoryHandle>& local,
-             const std::vector<std::int64_t>& local_offsets,
-             const std::vector<std::uint64_t>& remote_addresses,
-             const std::vector<std::int64_t>& sizes, const std::shared_ptr<kn::RemoteKey>& rkey,
-             nb::callable callback) {
-            post(kn::Direction::kGet, endpoint, local, local_offsets, remote_addresses, sizes,
-                 rkey, std::move(callback));
-          },
-          "local"_a, "local_offsets"_a, "remote_addresses"_a, "sizes"_a, "rkey"_a, "callback"_a)
-      .def(
-          "put",
-          [](const std::shared_ptr<kn::Endpoint>& endpoint,
-             const std::shared_ptr<kn::MemoryHandle>& local,
-             const std::vector<std::int64_t>& local_offsets,
-             const std::vector<std::uint64_t>& remote_addresses,
-             const std::vector<std::int64_t>& sizes, const std::shared_ptr<kn::RemoteKey>& rkey,
-             nb::callable callback) {
-            post(kn::Direction::kPut, endpoint, local, local_offsets, remote_addresses, sizes,
-                 rkey, std::move(callback));
-          },
-          "local"_a, "local_offsets"_a, "remote_addresses"_a, "sizes"_a, "rkey"_a, "callback"_a)
+      .def("get", &post<kn::Direction::kGet>, "local"_a, "local_offsets"_a,
+           "remote_addresses"_a, "sizes"_a, "rkey"_a, "callback"_a)
+      .def("put", &post<kn::Direction::kPut>, "local"_a, "local_offsets"_a,
+           "remote_addresses"_a, "sizes"_a, "rkey"_a, "callback"_a)
       .def(
           "close",
           [](kn::Endpoint& endpoint, double timeout) { endpoint.close(to_grace(timeout)); },
