@@ -226,10 +226,30 @@ class Context:
         return f"Context(tls={self.tls!r})"
 
 
-class MemoryHandle:
+class _Closable:
+    """What every wrapper shares: ``with`` closes it, and ``_open`` refuses a closed one."""
+
+    __slots__ = ()
+    _kind = "object"
+
+    def _open(self):
+        native = self._native
+        if native is None:
+            raise errors.InvalidArgumentError(f"the {self._kind} is closed")
+        return native
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class MemoryHandle(_Closable):
     """A registered range of local memory and its packed remote key."""
 
     __slots__ = ("__weakref__", "_native", "_packed_rkey", "address", "length")
+    _kind = "memory handle"
 
     def __init__(self, native) -> None:
         self._native = native
@@ -253,27 +273,18 @@ class MemoryHandle:
         A transfer still in flight keeps the registration until it completes."""
         self._native = None
 
-    def _open(self):
-        native = self._native
-        if native is None:
-            raise errors.InvalidArgumentError("the memory handle is closed")
-        return native
 
-    def __enter__(self) -> MemoryHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._native is None else "open"
         return f"MemoryHandle(address={self.address:#x}, length={self.length}, {state})"
 
 
-class RemoteKey:
+class RemoteKey(_Closable):
     """A peer's remote key, unpacked for one endpoint."""
 
     __slots__ = ("_native", "endpoint")
+    _kind = "remote key"
 
     def __init__(self, endpoint: Endpoint, native) -> None:
         self.endpoint = endpoint
@@ -283,17 +294,7 @@ class RemoteKey:
         """Release the key. Idempotent; transfers in flight keep it until they complete."""
         self._native = None
 
-    def _open(self):
-        native = self._native
-        if native is None:
-            raise errors.InvalidArgumentError("the remote key is closed")
-        return native
 
-    def __enter__(self) -> RemoteKey:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 _live_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
@@ -307,7 +308,7 @@ def _close_workers() -> None:
         worker.close()
 
 
-class Worker:
+class Worker(_Closable):
     """A UCX worker and the native thread that progresses it; completions of
     transfers posted on its endpoints are delivered from that thread."""
 
@@ -342,11 +343,6 @@ class Worker:
         whose endpoint fails while such a reply is still queued."""
         self._native.close(timeout)
 
-    def __enter__(self) -> Worker:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     def __del__(self) -> None:
         native = getattr(self, "_native", None)
@@ -379,7 +375,7 @@ def _settle(future: asyncio.Future, status: int, message: str) -> None:
         future.set_exception(error_for_status(status, message))
 
 
-class Endpoint:
+class Endpoint(_Closable):
     """A connection to a peer worker, for one-sided transfers into and out of
     the peer's registered memory."""
 
@@ -486,11 +482,6 @@ class Endpoint:
         completion callback, where it closes at once."""
         self._native.close(timeout)
 
-    def __enter__(self) -> Endpoint:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 def xxh3(handle: MemoryHandle, offset: int, length: int) -> int:
