@@ -274,18 +274,6 @@ class DiskTier:
 
     # -- namespaces --------------------------------------------------------
 
-    def touch_namespace(self, ns: Namespace) -> None:
-        """Record a namespace on first use."""
-        if ns.prefix in self.namespaces:
-            return
-        with self._lock:
-            if ns.prefix in self.namespaces:
-                return
-            batch = rocksdict.WriteBatch(raw_mode=True)
-            self._counters(ns.prefix)
-            self._write_counters(batch, {ns.prefix})
-            self._write(batch, False)
-
     def namespace_stats(self) -> list[tuple[Namespace, NamespaceCounters]]:
         with self._lock:
             items = list(self.namespaces.items())

@@ -128,9 +128,6 @@ class MemoryTier:
             self._drop(entry)
         return len(doomed)
 
-    def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
-        return [key for key in self._index if key.startswith(prefix)]
-
     def dirty_entries(self) -> list[Resident]:
         return list(self._dirty.values())
 

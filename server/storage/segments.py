@@ -127,17 +127,6 @@ class SegmentLog:
             return None
         return checksum, seq, memoryview(raw)[end:]
 
-    def readinto(self, segment_id: int, offset: int, buffer) -> int:
-        fd = self._read_fds.get(segment_id)
-        if fd is None:
-            self.read(segment_id, offset, 0)
-            fd = self._read_fds[segment_id]
-        return os.preadv(fd, [buffer], offset)
-
-    @property
-    def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.glob(f"*{SUFFIX}"))
-
     def _roll(self) -> None:
         previous = self._active_id
         self._active_id += 1

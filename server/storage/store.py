@@ -41,8 +41,10 @@ class BlockIn:
 
 @dataclass(slots=True)
 class BlockOut:
-    value: bytes
+    value: bytes  # or a memoryview over the bytes read from disk
     checksum: int
+    length: int
+    seq: int = 0  # the write it came from (for promotion into the arena); 0 when served from memory
 
 
 class _Sequence:
@@ -266,9 +268,7 @@ class BlockStore:
     async def get(self, keys: list[bytes], budget: int) -> list[BlockOut | None]:
         """Values for a leading part of ``keys`` whose total size stays within ``budget``
         (at least one key is always answered)."""
-        results: list[BlockOut | None] = []
         pinned: list[Resident] = []
-        disk_positions: list[int] = []
         plan: list[Resident | None] = []
         for key in keys:
             entry = self.memory.lookup(key)
@@ -284,9 +284,9 @@ class BlockStore:
             if pinned:
                 self._space_freed()
         for key, block, entry in zip(keys, results, plan):
-            if entry is None and block is not None and block.length_hint <= self.promote_limit:
+            if entry is None and block is not None and block.length <= self.promote_limit:
                 self._spawn(self._promote(key, block))
-        return [BlockOut(b.value, b.checksum) if b is not None else None for b in results]
+        return results
 
     async def get_remote(self, keys: list[bytes], capacities: list[int], transfer) -> list[tuple[int, int, bool] | None]:
         """(length, checksum, written) per key, None per miss, after ``transfer(arena_offsets,
@@ -375,7 +375,7 @@ class BlockStore:
                 break
             if entry is not None:
                 data = bytes(self.memory.arena.view(entry.offset, entry.length))
-                out.append(_Read(data, entry.checksum, entry.length))
+                out.append(BlockOut(data, entry.checksum, entry.length))
                 used += entry.length
                 continue
             found = self.disk.read(key)
@@ -383,28 +383,28 @@ class BlockStore:
                 out.append(None)
                 continue
             data, record = found
-            out.append(_Read(data, record.checksum, record.length, record.seq))
+            out.append(BlockOut(data, record.checksum, record.length, record.seq))
             used += record.length
         return out
 
-    async def _promote(self, key: bytes, block: "_Read") -> None:
+    async def _promote(self, key: bytes, block: BlockOut) -> None:
         """Copy a block read from disk into the arena, off the request's path."""
         if key in self.memory or self._closed:
             return
-        slot = self.memory.reserve(block.length_hint)
+        slot = self.memory.reserve(block.length)
         if slot is None:
             return
         deletes_before = self._deletes
-        view = self.memory.arena.view(slot, block.length_hint)
+        view = self.memory.arena.view(slot, block.length)
         try:
             await self._run(view.__setitem__, slice(None), block.value)
         except BaseException:
-            self.memory.release(slot, block.length_hint)
+            self.memory.release(slot, block.length)
             raise
         if self._deletes != deletes_before or key in self.memory:
-            self.memory.release(slot, block.length_hint)
+            self.memory.release(slot, block.length)
             return
-        self.memory.publish(key, slot, block.length_hint, block.checksum, block.seq, dirty=False)
+        self.memory.publish(key, slot, block.length, block.checksum, block.seq, dirty=False)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -497,14 +497,6 @@ class BlockStore:
         self._writeback_pool.shutdown(wait=True)
         self.disk.close()
         self.memory.close()
-
-
-@dataclass(slots=True)
-class _Read:
-    value: bytes
-    checksum: int
-    length_hint: int
-    seq: int = 0
 
 
 def verify_block(value, length: int, expected: int, index: int) -> None:
