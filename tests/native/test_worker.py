@@ -119,6 +119,19 @@ def test_close_from_a_completion_callback(shm_context):
     assert worker.closed
 
 
+def _wait_stopped(pid: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                states.append(stat.read().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_close_fails_pending_transfers(shm_context, start_peer):
     # Over TCP a read is served by the peer's progress thread; a stopped peer
     # leaves it pending until our close() cancels it.
@@ -132,6 +145,7 @@ def test_close_fails_pending_transfers(shm_context, start_peer):
     done = Completion()
     endpoint.get(handle, [0], [peer.buffer], [4096], rkey, Completion())  # wire up while running
     os.kill(peer.proc.pid, signal.SIGSTOP)
+    _wait_stopped(peer.proc.pid)  # kill() returns before every thread of the peer has stopped
     try:
         endpoint.get(handle, [0], [peer.buffer], [1 << 20], rkey, done)
         time.sleep(0.2)
