@@ -5,6 +5,7 @@ import grpc
 import warnings
 
 from kvstore._proto.v1 import admin_pb2 as kvstore_dot_v1_dot_admin__pb2
+from kvstore._proto.v1 import cluster_pb2 as kvstore_dot_v1_dot_cluster__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -50,6 +51,16 @@ class AdminStub:
                 request_serializer=kvstore_dot_v1_dot_admin__pb2.ServerStatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_admin__pb2.ServerStatsResponse.FromString,
                 _registered_method=True)
+        self.SetNamespacePolicy = channel.unary_unary(
+                '/kvstore.v1.Admin/SetNamespacePolicy',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.SetNamespacePolicyRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.FromString,
+                _registered_method=True)
+        self.GetNamespacePolicy = channel.unary_unary(
+                '/kvstore.v1.Admin/GetNamespacePolicy',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.GetNamespacePolicyRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -73,6 +84,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetNamespacePolicy(self, request, context):
+        """Replicas and write quorum of one namespace (0 = the cluster default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNamespacePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +114,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ServerStats,
                     request_deserializer=kvstore_dot_v1_dot_admin__pb2.ServerStatsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_admin__pb2.ServerStatsResponse.SerializeToString,
+            ),
+            'SetNamespacePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNamespacePolicy,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.SetNamespacePolicyRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.SerializeToString,
+            ),
+            'GetNamespacePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespacePolicy,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.GetNamespacePolicyRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +207,60 @@ class Admin:
             '/kvstore.v1.Admin/ServerStats',
             kvstore_dot_v1_dot_admin__pb2.ServerStatsRequest.SerializeToString,
             kvstore_dot_v1_dot_admin__pb2.ServerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNamespacePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/SetNamespacePolicy',
+            kvstore_dot_v1_dot_admin__pb2.SetNamespacePolicyRequest.SerializeToString,
+            kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespacePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/GetNamespacePolicy',
+            kvstore_dot_v1_dot_admin__pb2.GetNamespacePolicyRequest.SerializeToString,
+            kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_PLANE_UNAVAILABLE: _ClassVar[ErrorCode]
     TRANSFER_FAILED: _ClassVar[ErrorCode]
     BLOCK_EXCEEDS_MEMORY_TIER: _ClassVar[ErrorCode]
+    WRONG_NODE: _ClassVar[ErrorCode]
     PERMISSION_DENIED: _ClassVar[ErrorCode]
     DATA_CORRUPTION: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
@@ -52,6 +53,7 @@ STORAGE_FAILURE: ErrorCode
 DATA_PLANE_UNAVAILABLE: ErrorCode
 TRANSFER_FAILED: ErrorCode
 BLOCK_EXCEEDS_MEMORY_TIER: ErrorCode
+WRONG_NODE: ErrorCode
 PERMISSION_DENIED: ErrorCode
 DATA_CORRUPTION: ErrorCode
 
