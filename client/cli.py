@@ -7,6 +7,15 @@
       rm KEY...               delete blocks; print how many existed
       ls [--prefix P]         list keys with their sizes
       stat                    blocks and bytes per tier, namespaces, uptime
+      cluster up [--nodes N] [--etcd] [--dir DIR] [--replicas R] [--write-quorum W]
+                 [--memory SIZE] [--base-port P] [-- SERVER_FLAGS...]
+                              start N daemons on loopback in the background
+                              (default 3 in ./kvstore-cluster); print the endpoints
+      cluster status [--dir DIR | --endpoint H:P[,...]]
+                              per node: health, epoch, blocks and bytes, data plane,
+                              rebalancing; exit 1 unless every node is up
+      cluster down [--dir DIR]
+                              stop the daemons (and etcd) of DIR
 
 Keys are given as text and stored as their UTF-8 bytes; prefix one with
 ``hex:`` to give raw bytes (``hex:00ff``).
@@ -18,9 +27,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from kvstore import __version__
+from kvstore.client import localcluster
 from kvstore.client.config import DEFAULT_ENDPOINT
 from kvstore.client.sync import SyncClient
 from kvstore.errors import KVStoreError
@@ -81,7 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=None)
 
     sub.add_parser("stat", help="daemon statistics: tiers, namespaces, uptime")
+
+    add_cluster_parser(sub)
     return p
+
+
+def add_cluster_parser(sub) -> None:
+    cluster = sub.add_parser("cluster", help="a local cluster on loopback: up, status, down")
+    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    dir_help = f"the cluster's folder: cluster.json, nodeK/data, nodeK/server.log (default ./{localcluster.DEFAULT_DIR})"
+
+    up = actions.add_parser(
+        "up",
+        help="start N daemons (and etcd) on 127.0.0.1 in the background",
+        usage="kvstore cluster up [options] [-- SERVER_FLAGS...]",
+        description="Start N kvstore-server daemons on 127.0.0.1 as background processes and print their "
+        "endpoints. On a folder whose cluster is stopped, start it again on the same ports and data; "
+        "on a partly running one, start the nodes that are down.",
+        epilog="Flags after -- are passed to every kvstore-server (see kvstore-server --help).",
+    )
+    up.add_argument("--nodes", "-n", type=int, default=None, help=f"daemons (default {localcluster.DEFAULT_NODES})")
+    up.add_argument("--etcd", action="store_true", default=None,
+                    help="etcd membership: start an etcd (/usr/bin/etcd) too, instead of static --peers")
+    up.add_argument("--dir", default=None, help=dir_help)
+    up.add_argument("--replicas", type=int, default=None, help="copies of each block (default: the daemon's, 1)")
+    up.add_argument("--write-quorum", type=int, default=None, help="replicas that acknowledge a write (default: a majority)")
+    up.add_argument("--memory", default=None, help=f"memory tier per daemon (default {localcluster.DEFAULT_MEMORY})")
+    up.add_argument("--base-port", type=int, default=None, help="node K listens on BASE_PORT+K-1 (default: free ports)")
+    up.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every daemon to answer (default 60)")
+    up.add_argument("server_args", nargs="*", metavar="SERVER_FLAGS", help=argparse.SUPPRESS)
+
+    status = actions.add_parser("status", help="health, epoch, blocks and bytes, rebalancing per node (exit 1 unless all up)")
+    status.add_argument("--dir", default=None, help=dir_help)
+    status.add_argument("--endpoint", "-e", default=argparse.SUPPRESS, help="daemons HOST:PORT[,...] instead of a folder")
+    status.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+
+    down = actions.add_parser("down", help="stop the daemons (and etcd) of a local cluster")
+    down.add_argument("--dir", default=None, help=dir_help)
+    down.add_argument("--wait", type=float, default=30.0, help="seconds before SIGTERM turns into SIGKILL (default 30)")
 
 
 def emit(args, data: Any, text: str) -> None:
@@ -176,8 +224,113 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def run_cluster(args) -> int:
+    """``kvstore cluster up|status|down``: no client of its own, it talks to each daemon."""
+    action = args.cluster_command
+    directory = args.dir or localcluster.DEFAULT_DIR
+    try:
+        if action == "up":
+            def started(name: str, pid: int) -> None:
+                if not args.json:
+                    print(f"started {name} (pid {pid})", file=sys.stderr)
+
+            cluster, names, settled = localcluster.up(
+                directory, args.nodes, etcd=args.etcd, replicas=args.replicas, write_quorum=args.write_quorum,
+                memory=args.memory, base_port=args.base_port, server_args=args.server_args, wait=args.wait,
+                on_start=started,
+            )
+            if not settled:
+                print("kvstore: warning: the daemons do not agree on the cluster map yet; "
+                      f"see kvstore cluster status --dir {cluster.dir}", file=sys.stderr)
+            emit(args, {**cluster.to_dict(), "started": names, "settled": settled}, format_cluster(cluster))
+            return 0
+        if action == "down":
+            cluster, report = localcluster.down(directory, args.wait)
+            emit(args, {"dir": str(cluster.dir), "processes": report},
+                 "\n".join(f"{r['name']:<6} pid {r['pid']:<8} {r['result']}" for r in report))
+            return 0
+        if action == "status":
+            endpoint = args.endpoint or (None if args.dir else os.environ.get("KVSTORE_ENDPOINTS"))
+            cluster = localcluster.LocalCluster.load(directory)
+            if args.endpoint or (cluster is None and endpoint):
+                from kvstore.client.config import parse_endpoints
+
+                report = localcluster.status(endpoints=parse_endpoints(endpoint))
+            elif cluster is None:
+                raise localcluster.ClusterError(
+                    f"no cluster in {os.path.abspath(directory)}: give --dir DIR or --endpoint H:P[,...]"
+                )
+            else:
+                report = localcluster.status(cluster)
+            emit(args, report, format_cluster_status(report))
+            return 0 if report["up"] == report["total"] else EXIT_MISS
+    except localcluster.AlreadyRunning as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return EXIT_MISS
+    except (localcluster.ClusterError, KVStoreError) as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    raise AssertionError(action)
+
+
+def format_cluster(cluster: localcluster.LocalCluster) -> str:
+    lines = [f"{n.id:<8} {n.address:<21} pid {n.pid:<8} {Path(n.data_dir).parent}" for n in cluster.nodes]
+    if cluster.etcd is not None:
+        lines.append(f"{'etcd':<8} {cluster.etcd.endpoint:<21} pid {cluster.etcd.pid:<8} {Path(cluster.etcd.data_dir).parent}")
+    lines += [
+        f"{len(cluster.nodes)} nodes up in {cluster.dir} (logs: nodeK/server.log; stop: kvstore cluster down --dir {cluster.dir})",
+        cluster.endpoints,
+        f"export KVSTORE_ENDPOINTS={cluster.endpoints}",
+    ]
+    return "\n".join(lines)
+
+
+def format_cluster_status(report: dict) -> str:
+    epochs = report["epochs"]
+    epoch = "epoch " + (str(epochs[0]) if len(epochs) == 1 else "DIFFERS: " + ", ".join(map(str, epochs)) if epochs else "?")
+    where = f" in {report['dir']}" if "dir" in report else ""
+    lines = [f"{report['up']} of {report['total']} nodes up{where}, {epoch}"]
+    if "etcd" in report:
+        e = report["etcd"]
+        lines.append(f"etcd at {e['endpoint']} (pid {e['pid']}): {e['health']}")
+    header = ("NODE", "ADDRESS", "HEALTH", "EPOCH", "MEMBERS", "MEMORY", "DISK", "DATA PLANE", "REBALANCE")
+    rows = [header]
+    for n in report["nodes"]:
+        if n["health"] != "up":
+            rows.append((n["id"], n["address"], "down", "-", "-", "-", "-", "-", n.get("error") or ""))
+            continue
+        tiers = n.get("tiers", {})
+
+        def tier(name: str) -> str:
+            t = tiers.get(name)
+            return f"{t['blocks']} / {format_size(t['bytes'])}" if t else "-"
+
+        plane = n.get("data_plane", {})
+        r = n.get("rebalance")
+        if not r:
+            rebalance = "-"
+        elif r["state"] == "idle" and not r["keys_total"]:
+            rebalance = "idle"
+        else:
+            rebalance = (f"{r['state']} {r['keys_scanned']}/{r['keys_total']} scanned, "
+                         f"{r['keys_copied']} copied ({format_size(r['bytes_copied'])})")
+            if r["errors"]:
+                rebalance += f", {r['errors']} errors: {r['last_error']}"
+        rows.append((
+            n["id"], n["address"], "up", str(n.get("epoch", "?")), str(len(n.get("members", ()))) if "members" in n else "?",
+            tier("memory"), tier("disk"),
+            f"ucx({plane['ucx_tls'] or 'default'})" if plane.get("enabled") else "inline",
+            rebalance + (f" [{n['error']}]" if n.get("error") else ""),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cluster":
+        return run_cluster(args)
     settings = {"endpoints": args.endpoint, "tenant": args.tenant, "subtenant": args.subtenant}
     if args.timeout is not None:
         settings["timeout"] = args.timeout
