@@ -9,7 +9,7 @@ Errors are ``kvstore.errors.KVStoreError`` subclasses; a miss is ``None``.
 """
 
 from kvstore.client.api import Client
-from kvstore.client.config import ClientConfig, RetryPolicy
+from kvstore.client.config import ClientConfig, Deadline, RetryPolicy
 from kvstore.client.regions import MemoryRegion
 from kvstore.client.sync import SyncClient
 from kvstore.errors import (
@@ -28,6 +28,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "DataCorruptionError",
+    "Deadline",
     "DeadlineExceededError",
     "InternalError",
     "InvalidArgumentError",

@@ -66,12 +66,36 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """How long one SDK call may take.
+
+    ``total`` bounds the whole call, every replica and retry included;
+    ``attempt`` bounds one RPC to one daemon: when it runs out (a frozen or
+    partitioned daemon) the request moves on to the next replica.
+    """
+
+    total: float = 60.0
+    attempt: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (self.total > 0 and self.attempt > 0):
+            raise ConfigError("deadline: total and attempt must be positive seconds")
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
     tenant: str = DEFAULT_TENANT
     subtenant: str = DEFAULT_SUBTENANT
-    # Deadline of one RPC, in seconds.
+    # Deadline of one SDK call, in seconds, every replica and retry included.
     timeout: float = 60.0
+    # Deadline of one RPC to one daemon; past it the call moves to the next replica.
+    attempt_timeout: float = 5.0
+    # Reads that no replica could serve in time: "miss" (None, like an absent
+    # block: an engine recomputes rather than stalls) or "raise".
+    read_failures: str = "miss"
+    # How often the cluster map is re-read from a daemon, in seconds.
+    map_refresh: float = 5.0
     connect_timeout: float = 5.0
     default_durability: str = "disk"
     # Bounds of one RPC; bigger batches are split by the SDK.
@@ -93,8 +117,12 @@ class ClientConfig:
         object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))
         validate_name("tenant", self.tenant)
         validate_name("subtenant", self.subtenant)
-        if self.timeout <= 0 or self.connect_timeout <= 0:
-            raise ConfigError("timeout and connect_timeout must be positive")
+        if self.timeout <= 0 or self.connect_timeout <= 0 or self.attempt_timeout <= 0:
+            raise ConfigError("timeout, attempt_timeout and connect_timeout must be positive")
+        if self.read_failures not in ("miss", "raise"):
+            raise ConfigError(f"read_failures: {self.read_failures!r} is not 'miss' or 'raise'")
+        if self.map_refresh <= 0:
+            raise ConfigError("map_refresh: must be positive")
         if self.default_durability not in DURABILITIES:
             raise ConfigError(f"default_durability: {self.default_durability!r} is not one of {', '.join(DURABILITIES)}")
         if self.max_batch_keys < 1 or self.max_batch_bytes < 1:
@@ -109,6 +137,10 @@ class ClientConfig:
     @classmethod
     def load(cls, args: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> "ClientConfig":
         return merge_layers(cls, args=args or {}, environ=environ if environ is not None else os.environ, file=None)
+
+    @property
+    def deadline(self) -> Deadline:
+        return Deadline(self.timeout, min(self.attempt_timeout, self.timeout))
 
     def replace(self, **changes: Any) -> "ClientConfig":
         return dataclasses.replace(self, **changes)

@@ -37,6 +37,8 @@ def translate(exc: grpc.RpcError, endpoint: str) -> errors.KVStoreError:
             index = detail.index
             message = detail.message or message
     cls = _BY_STATUS.get(status, errors.InternalError)
+    if code == "WRONG_NODE":
+        cls = errors.WrongNodeError
     if cls is errors.UnavailableError and code is None:
         code = "ERROR_CODE_UNSPECIFIED"
     return cls(f"{message} [{status.name} from {endpoint}]", code=code, index=index)
@@ -60,15 +62,25 @@ class Connection:
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self.hello: cluster_pb2.HelloResponse | None = None
 
-    async def handshake(self, client_id: str, timeout: float, worker_address: bytes = b"") -> cluster_pb2.HelloResponse:
-        """Introduce the client (and its data-plane worker, if any) to the daemon."""
+    @property
+    def zero_copy(self) -> bool:
+        """Whether the daemon opened a data-plane endpoint to this client."""
+        return bool(self.hello and self.hello.data_plane)
+
+    async def handshake(
+        self, client_id: str, timeout: float, worker_address: bytes = b"", *, wait: bool = True
+    ) -> cluster_pb2.HelloResponse:
+        """Introduce the client (and its data-plane worker, if any) to the daemon.
+
+        ``wait`` keeps trying to connect until the timeout (a daemon that is
+        still starting); without it an unreachable daemon fails at once."""
         from kvstore import __version__
 
         try:
             self.hello = await self.cluster.Hello(
                 cluster_pb2.HelloRequest(client_id=client_id, client_version=__version__, worker_address=worker_address),
                 timeout=timeout,
-                wait_for_ready=True,
+                wait_for_ready=wait,
             )
         except grpc.RpcError as exc:
             raise translate(exc, self.endpoint) from None

@@ -5,6 +5,7 @@
     │   ├── UnavailableError          daemon down, unreachable, draining   (UNAVAILABLE)
     │   │   └── TransportError        the data plane (UCX) failed to move bytes
     │   │       └── EndpointClosedError   the peer died or its endpoint closed
+    │   ├── WrongNodeError            routed with a stale cluster map      (FAILED_PRECONDITION)
     │   ├── DeadlineExceededError     no answer within the deadline        (DEADLINE_EXCEEDED)
     │   │   └── TransportTimeoutError UCX gave up waiting for the transport
     │   └── ResourceExhaustedError    memory/disk/quota full               (RESOURCE_EXHAUSTED)
@@ -52,6 +53,12 @@ class UnavailableError(RetryableError):
     """The daemon is down, unreachable or draining."""
 
     default_code = "SHUTTING_DOWN"
+
+
+class WrongNodeError(RetryableError):
+    """The daemon does not own the key under its cluster map: refresh the map and resend."""
+
+    default_code = "WRONG_NODE"
 
 
 class DeadlineExceededError(RetryableError):
@@ -137,4 +144,5 @@ __all__ = [
     "TransportError",
     "TransportTimeoutError",
     "UnavailableError",
+    "WrongNodeError",
 ]

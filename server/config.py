@@ -44,6 +44,22 @@ class ServerConfig:
     drain_seconds: float = 10.0
     # Name in the cluster; empty means HOSTNAME-PORT once the port is bound.
     node_id: str = ""
+    # Address clients and peers dial; empty means the bound listen address.
+    advertise: str = ""
+    # Static membership: "id1=host:port,id2=host:port[@weight]" (this daemon included or not).
+    peers: str = ""
+    # Dynamic membership: etcd endpoints "host:port[,...]"; members register under a lease.
+    etcd: str = ""
+    etcd_prefix: str = "/kvstore/default"
+    etcd_ttl: float = 10.0
+    # Cluster-wide replication default; namespaces may override it.
+    replicas: int = 1
+    # Acknowledge a write once this many replicas hold it; 0 means a majority.
+    write_quorum: int = 0
+    # Virtual nodes per unit weight on the ring; 0 means the ring's default.
+    vnodes: int = 0
+    # Bandwidth the background rebalancer may use, bytes per second.
+    rebalance_rate: int = size_field(256 << 20)
     # Zero-copy data plane over UCX; off means values travel inline only.
     data_plane: bool = True
     # UCX transports, e.g. "shm,tcp", "tcp", "all"; empty means UCX's default choice.
@@ -54,7 +70,7 @@ class ServerConfig:
         def fix(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        for name in ("memory", "max_value_size", "segment_size", "max_response_bytes"):
+        for name in ("memory", "max_value_size", "segment_size", "max_response_bytes", "rebalance_rate"):
             try:
                 fix(name, parse_size(getattr(self, name)))
             except ValueError as exc:
@@ -81,9 +97,35 @@ class ServerConfig:
             raise ConfigError("sync_window_ms: must not be negative")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds: must not be negative")
+        if self.replicas < 1:
+            raise ConfigError(f"replicas: {self.replicas} must be at least 1")
+        if not 0 <= self.write_quorum <= self.replicas:
+            raise ConfigError(f"write_quorum: {self.write_quorum} must be between 1 and replicas ({self.replicas}), or 0 for a majority")
+        if self.vnodes < 0:
+            raise ConfigError("vnodes: must not be negative")
+        if self.rebalance_rate < 1:
+            raise ConfigError("rebalance_rate: must be positive")
+        if self.peers and self.etcd:
+            raise ConfigError("peers and etcd: choose static peers or etcd membership, not both")
+        if self.peers:
+            from kvstore.server.cluster.membership import parse_peers
+
+            parse_peers(self.peers)
+        for name, value in [("advertise", self.advertise)] + [("etcd", e) for e in self.etcd_endpoints]:
+            if value:
+                try:
+                    parse_address(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        if self.etcd_ttl < 1:
+            raise ConfigError("etcd_ttl: must be at least 1 second")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         fix("log_level", self.log_level.upper())
+
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.etcd.split(",") if part.strip())
 
     @property
     def max_message_bytes(self) -> int:

@@ -14,6 +14,9 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
 from kvstore.errors import ConfigError
+from kvstore.ring import DEFAULT_VNODES
+from kvstore.server.cluster.membership import Member, MemberList, Membership, StaticMembership, parse_peers
+from kvstore.server.cluster.state import ClusterState, Replication
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
@@ -39,6 +42,8 @@ class Daemon:
         self.store: BlockStore | None = None
         self.dataplane: DataPlane | None = None
         self.server: grpc.aio.Server | None = None
+        self.membership: Membership | None = None
+        self.cluster: ClusterState | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -77,9 +82,10 @@ class Daemon:
         self.dataplane = DataPlane(self.store.memory.arena, config.ucx_tls, enabled=config.data_plane)
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)
-        data = DataService(self.store, config, self.metrics, self.dataplane)
-        cluster = ClusterService(config, self.metrics, self.address, self.dataplane)
-        admin = AdminService(self.store, config, self.metrics, self.address, self.dataplane)
+        await self._join_cluster()
+        data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
+        cluster = ClusterService(config, self.metrics, self.cluster, self.dataplane)
+        admin = AdminService(self.store, config, self.metrics, self.dataplane, self.cluster, self.membership)
         self.server.add_generic_rpc_handlers((data.handler(), cluster.handler(), admin.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -103,6 +109,26 @@ class Daemon:
         )
         return self
 
+    async def _join_cluster(self) -> None:
+        config = self.config
+        advertise = config.advertise or self.address
+        me = Member(config.node_id, advertise)
+        if config.etcd:
+            from kvstore.server.cluster.etcd import EtcdMembership
+
+            self.membership = EtcdMembership(config.etcd_endpoints, me, prefix=config.etcd_prefix, ttl=config.etcd_ttl)
+        else:
+            self.membership = StaticMembership(me, parse_peers(config.peers))
+        self.cluster = ClusterState(
+            config.node_id,
+            advertise,
+            MemberList(0, ()),
+            Replication.of(config.replicas, config.write_quorum),
+            vnodes=config.vnodes or DEFAULT_VNODES,
+            data_dir=Path(config.data_dir),
+        )
+        self.cluster.update(await self.membership.start(self.cluster.update))
+
     def _wire_gauges(self) -> None:
         store, m = self.store, self.metrics
         m.tier_blocks.labels("memory").set_function(lambda: len(store.memory))
@@ -121,6 +147,9 @@ class Daemon:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
             self.server = None
+        if self.membership is not None:
+            await self.membership.stop()
+            self.membership = None
         if self.dataplane is not None:
             self.dataplane.close()
             self.dataplane = None

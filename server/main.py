@@ -27,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-value-size", help="largest block accepted (default 256MiB)")
     p.add_argument("--default-durability", choices=("memory", "disk", "sync"), help="durability of puts that name none")
     p.add_argument("--node-id", help="this daemon's name in the cluster (default HOSTNAME-PORT)")
+    p.add_argument("--advertise", help="HOST:PORT clients and peers dial (default: the listen address)")
+    p.add_argument("--peers", help="static cluster: id1=host:port,id2=host:port[@weight],... (default: a cluster of one)")
+    p.add_argument("--etcd", help="dynamic cluster: etcd endpoints HOST:PORT[,...]")
+    p.add_argument("--etcd-prefix", help="etcd key prefix of this cluster (default /kvstore/default)")
+    p.add_argument("--etcd-ttl", type=float, help="membership lease TTL in seconds (default 10)")
+    p.add_argument("--replicas", type=int, help="copies of each block, cluster default (default 1)")
+    p.add_argument("--write-quorum", type=int, help="replicas that must hold a write before it is acknowledged (default: a majority)")
+    p.add_argument("--vnodes", type=int, help="virtual nodes per unit weight on the ring")
+    p.add_argument("--rebalance-rate", help="bandwidth for moving blocks after membership changes (default 256MiB per second)")
     p.add_argument("--io-threads", type=int, help="threads for disk and copy work (default 4)")
     p.add_argument("--drain-seconds", type=float, help="how long SIGTERM waits for in-flight requests (default 10)")
     p.add_argument("--ucx-tls", help='UCX transports of the data plane, e.g. "shm,tcp", "tcp", "all" (default: UCX chooses)')
@@ -46,11 +55,13 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
 async def serve(config: ServerConfig) -> None:
     from kvstore.server.daemon import Daemon
 
-    daemon = await Daemon(config).start()
+    # Handlers first: a SIGTERM that arrives as soon as the daemon says it is
+    # listening must drain it, not kill it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    daemon = await Daemon(config).start()
     await stop.wait()
     logging.getLogger("kvstore.server").info("draining (up to %.1fs)", config.drain_seconds)
     await daemon.stop()

@@ -1,4 +1,5 @@
-"""The Admin service: namespaces (list, drop) and daemon-wide statistics."""
+"""The Admin service: namespaces (list, drop, replication policy) and
+daemon-wide statistics, cluster view and rebalancing progress included."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import time
 
 from kvstore import __version__
 from kvstore._proto.v1 import admin_pb2 as pb
-from kvstore._proto.v1 import data_pb2
+from kvstore._proto.v1 import cluster_pb2, data_pb2
 from kvstore.namespace import validate_name
+from kvstore.server.cluster.membership import Membership
+from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
@@ -18,13 +21,22 @@ from kvstore.server.storage.store import BlockStore
 
 class AdminService:
     def __init__(
-        self, store: BlockStore, config: ServerConfig, metrics: Metrics, advertise: str, dataplane: DataPlane
+        self,
+        store: BlockStore,
+        config: ServerConfig,
+        metrics: Metrics,
+        dataplane: DataPlane,
+        cluster: ClusterState,
+        membership: Membership,
+        rebalance_status=lambda: pb.RebalanceStatus(state="idle"),
     ) -> None:
         self.dataplane = dataplane
         self.store = store
         self.config = config
         self.metrics = metrics
-        self.advertise = advertise
+        self.cluster = cluster
+        self.membership = membership
+        self.rebalance_status = rebalance_status
         self.started = time.monotonic()
 
     def handler(self):
@@ -34,6 +46,8 @@ class AdminService:
                 "ListNamespaces": (pb.ListNamespacesRequest, self.list_namespaces),
                 "DropNamespace": (pb.DropNamespaceRequest, self.drop_namespace),
                 "ServerStats": (pb.ServerStatsRequest, self.server_stats),
+                "SetNamespacePolicy": (pb.SetNamespacePolicyRequest, self.set_namespace_policy),
+                "GetNamespacePolicy": (pb.GetNamespacePolicyRequest, self.get_namespace_policy),
             },
             self.metrics,
         )
@@ -58,6 +72,27 @@ class AdminService:
         counters = await self.store.drop_namespace(ns)
         return pb.DropNamespaceResponse(blocks=counters.blocks, bytes=counters.bytes)
 
+    async def set_namespace_policy(self, request: pb.SetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
+        policy = request.policy
+        ns = namespace_of(policy)
+        applied = self.cluster.set_policy(ns, policy.replicas, policy.write_quorum)
+        publish = getattr(self.membership, "put_policy", None)
+        if publish is not None:  # etcd: every daemon learns it through its watch
+            await publish(ns.tenant, ns.subtenant, {"replicas": policy.replicas, "write_quorum": policy.write_quorum})
+        return self._policy(ns, applied)
+
+    async def get_namespace_policy(self, request: pb.GetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
+        ns = namespace_of(request)
+        return self._policy(ns, self.cluster.replication(ns))
+
+    @staticmethod
+    def _policy(ns, replication) -> cluster_pb2.NamespacePolicy:
+        return cluster_pb2.NamespacePolicy(
+            namespace=data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
+            replicas=replication.replicas,
+            write_quorum=replication.write_quorum,
+        )
+
     async def server_stats(self, request, context) -> pb.ServerStatsResponse:
         memory = self.store.memory
         disk_blocks, disk_bytes = self.store.disk.totals()
@@ -69,7 +104,7 @@ class AdminService:
         )
         return pb.ServerStatsResponse(
             node_id=self.config.node_id,
-            address=self.advertise,
+            address=self.cluster.advertise,
             data_dir=str(self.store.disk.data_dir),
             version=__version__,
             uptime_seconds=time.monotonic() - self.started,
@@ -85,6 +120,10 @@ class AdminService:
             ucx_tls=self.dataplane.tls if self.dataplane.enabled else "",
             data_plane_clients=len(self.dataplane.sessions),
             arena_used_bytes=memory.arena.allocator.used,
+            cluster_epoch=self.cluster.epoch,
+            cluster_nodes=len(self.cluster.members.members),
+            membership=self.membership.status().get("kind", ""),
+            rebalance=self.rebalance_status(),
         )
 
 

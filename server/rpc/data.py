@@ -7,8 +7,9 @@ rejects the request with the entry's index and nothing of it is stored.
 from __future__ import annotations
 
 from kvstore._proto.v1 import data_pb2 as pb
-from kvstore.errors import InvalidArgumentError
+from kvstore.errors import InvalidArgumentError, WrongNodeError
 from kvstore.namespace import Namespace, validate_key
+from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
@@ -23,6 +24,18 @@ DURABILITY = {
 }
 LIST_PAGE = 1000
 MAX_BATCH_KEYS = 100_000
+# Request metadata: the epoch of the cluster map the client routed the call with.
+EPOCH_METADATA = "kvstore-epoch"
+
+
+def routed_epoch(context) -> int | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == EPOCH_METADATA:
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidArgumentError(f"{EPOCH_METADATA} metadata {value!r} is not an integer") from None
+    return None
 
 
 def namespace_of(message) -> Namespace:
@@ -41,11 +54,14 @@ def storage_keys(ns: Namespace, keys) -> list[bytes]:
 
 
 class DataService:
-    def __init__(self, store: BlockStore, config: ServerConfig, metrics: Metrics, dataplane: DataPlane) -> None:
+    def __init__(
+        self, store: BlockStore, config: ServerConfig, metrics: Metrics, dataplane: DataPlane, cluster: ClusterState
+    ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
         self.dataplane = dataplane
+        self.cluster = cluster
 
     def handler(self):
         return service(
@@ -64,6 +80,7 @@ class DataService:
 
     async def put(self, request: pb.PutRequest, context) -> pb.PutResponse:
         ns = namespace_of(request)
+        self._check_routing(ns, request.blocks, context)
         durability = self._durability(request.durability)
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
@@ -101,6 +118,23 @@ class DataService:
             blocks.append(BlockIn(ns.prefix + key, None, block.length, block.checksum))
             addresses.append(block.remote_address)
         return blocks, addresses
+
+    def _check_routing(self, ns: Namespace, blocks, context) -> None:
+        """Writes routed with another map must land on an owner (redis-cluster's MOVED).
+
+        A client routing with our epoch is trusted: it may deliberately write to
+        the next node of the ring when an owner is down (the rebalancer moves
+        such blocks home later)."""
+        cluster = self.cluster
+        if len(cluster.members.members) <= 1 or routed_epoch(context) == cluster.epoch:
+            return
+        for i, block in enumerate(blocks):
+            if not cluster.accepts(ns, block.key):
+                owners = ", ".join(cluster.owners(ns, block.key))
+                raise WrongNodeError(
+                    f"block {i} belongs to {owners} under cluster map epoch {cluster.epoch}; refresh the map",
+                    index=i,
+                )
 
     @staticmethod
     def _check_batch(count: int) -> None:
@@ -193,7 +227,9 @@ class DataService:
 
     async def delete(self, request: pb.KeysRequest, context) -> pb.DeleteResponse:
         keys = storage_keys(namespace_of(request), request.keys)
-        return pb.DeleteResponse(deleted=await self.store.delete(keys))
+        existed = await self.store.exists(keys)
+        deleted = await self.store.delete(keys)
+        return pb.DeleteResponse(deleted=deleted, existed=existed)
 
     async def list(self, request: pb.ListRequest, context) -> pb.ListResponse:
         ns = namespace_of(request)

@@ -11,6 +11,7 @@ from kvstore._proto.v1 import errors_pb2
 ERROR_DETAIL_KEY = "kvstore-error-bin"
 
 _STATUS = [
+    (errors.WrongNodeError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -26,6 +26,8 @@ import socket
 import uuid
 
 import grpc
+import time
+
 import pytest
 from google.protobuf.message import DecodeError
 
@@ -716,16 +718,26 @@ def test_no_daemon_is_unavailable_through_the_sync_client():
 async def test_daemon_that_went_away_is_unavailable(daemon, tmp_path):
     gone = type(daemon)(tmp_path / "gone", memory=4 << 20)
     kv = Client(gone.address, tenant="leaving", timeout=5)
+    strict = Client(gone.address, tenant="leaving", timeout=5, read_failures="raise")
     try:
         await kv.put(b"k", b"v")
         assert await kv.get(b"k") == b"v"
+        assert await strict.get(b"k") == b"v"
         gone.stop()
+        # An engine's default: a read no replica can serve is a miss, fast.
+        started = time.monotonic()
+        assert await kv.get(b"k") is None
+        assert await kv.get_many([b"k", b"other"]) == [None, None]
+        assert time.monotonic() - started < 2
         with pytest.raises(UnavailableError) as info:
-            await kv.get(b"k")
+            await strict.get(b"k")
         assert type(info.value) is UnavailableError
         assert info.value.retryable is True
+        with pytest.raises(UnavailableError):
+            await kv.put(b"k", b"v2")
     finally:
         await kv.close()
+        await strict.close()
 
 
 def test_retryable_split_of_the_error_classes():

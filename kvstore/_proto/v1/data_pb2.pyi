@@ -132,10 +132,12 @@ class LookupPrefixResponse(_message.Message):
     def __init__(self, count: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted",)
+    __slots__ = ("deleted", "existed")
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
     deleted: int
-    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+    existed: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, deleted: _Optional[int] = ..., existed: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("namespace", "prefix", "start_after", "limit")

@@ -1,0 +1,215 @@
+"""Running one batch against the replicas of its keys, and resuming it when a
+daemon fails under it.
+
+``write`` sends every key to its R owners in parallel and succeeds once W of
+them hold it; ``read`` asks a key's owners in ring order until one has it. A
+sub-batch whose daemon dies, resets the connection, fails its data-plane
+endpoint or misses its attempt deadline is re-issued to the next node of the
+key's ring order; a daemon that answers WRONG_NODE makes the client refresh its
+map and route the keys again. The caller sees an error only when no replica
+could serve a key within the deadline and the retry policy.
+
+``send(node, positions, timeout)`` does the actual RPC for the keys at
+``positions`` and returns one result per position (for reads, None = a miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from kvstore import errors
+from kvstore.client.config import Deadline, RetryPolicy
+from kvstore.client.router import DownNodes
+
+log = logging.getLogger("kvstore.client")
+
+Send = Callable[[str, list[int], float], Awaitable[list[Any]]]
+# plan(i) -> (nodes in the order to try, how many of them to use first, write quorum)
+Plan = Callable[[int], tuple[list[str], int, int]]
+
+
+@dataclass
+class Call:
+    """What one SDK call may spend, and the client state its batches share."""
+
+    deadline: Deadline
+    retry: RetryPolicy
+    down: DownNodes
+    refresh: Callable[[], Awaitable[None]]
+    concurrency: int
+    started: float = field(default_factory=time.monotonic)
+
+    def attempt_timeout(self) -> float:
+        left = self.deadline.total - (time.monotonic() - self.started)
+        if left <= 0:
+            raise errors.DeadlineExceededError(f"the call ran past its {self.deadline.total:g}s deadline")
+        return min(self.deadline.attempt, left)
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.started >= self.deadline.total
+
+    async def backoff(self, attempt: int) -> bool:
+        """Wait before retry round ``attempt``; False when the policy or deadline says stop."""
+        if attempt > self.retry.attempts:
+            return False
+        delay = self.retry.delay(attempt)
+        if time.monotonic() - self.started + delay >= self.deadline.total:
+            return False
+        await asyncio.sleep(delay)
+        return True
+
+
+def _remap(exc: errors.KVStoreError, positions: list[int]) -> errors.KVStoreError:
+    """An error about entry j of a sub-batch, told about the caller's entry."""
+    if 0 <= exc.index < len(positions):
+        exc.index = positions[exc.index]
+    return exc
+
+
+async def _send_all(call: Call, batches: dict[str, list[int]], send: Send) -> list[tuple[str, list[int], Any]]:
+    gate = asyncio.Semaphore(call.concurrency)
+
+    async def one(node: str, positions: list[int]):
+        async with gate:
+            try:
+                return node, positions, await send(node, positions, call.attempt_timeout())
+            except errors.KVStoreError as exc:
+                return node, positions, exc
+
+    return await asyncio.gather(*(one(node, positions) for node, positions in batches.items()))
+
+
+def _failed(call: Call, node: str, exc: errors.KVStoreError, positions: list[int]) -> None:
+    """Note a failed sub-batch; raise unless another node may do better."""
+    if isinstance(exc, errors.DataCorruptionError):
+        return  # this replica's bytes arrived corrupt twice: another replica may be good
+    if not exc.retryable:
+        raise _remap(exc, positions)
+    if not isinstance(exc, errors.WrongNodeError):
+        call.down.mark(node)
+    log.debug("%d keys failed on %s: %s; moving on", len(positions), node, exc)
+
+
+async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
+    """Store ``count`` keys on their owners; raise unless each reached its write quorum."""
+    plans = [plan(i) for i in range(count)]
+    stored: list[set[str]] = [set() for _ in range(count)]
+    tried: list[set[str]] = [set() for _ in range(count)]
+    last: list[errors.KVStoreError | None] = [None] * count
+    attempt = 1
+    while True:
+        batches: dict[str, list[int]] = defaultdict(list)
+        for i, (order, replicas, _) in enumerate(plans):
+            want = replicas - len(stored[i])
+            if want <= 0:
+                continue
+            ordered, _ = call.down.prefer_up(order, replicas)
+            for node in [n for n in ordered if n not in tried[i]][:want]:
+                batches[node].append(i)
+                tried[i].add(node)
+        if not batches:
+            short = [i for i in range(count) if len(stored[i]) < plans[i][2]]
+            if not short:
+                return
+            attempt += 1
+            if not await call.backoff(attempt):
+                i = short[0]
+                cause = last[i]
+                raise errors.UnavailableError(
+                    f"block {i} reached {len(stored[i])} of the {plans[i][2]} replicas its write needs"
+                    + (f": {cause.message}" if cause else ""),
+                    code=cause.code if cause else "ERROR_CODE_UNSPECIFIED",
+                    index=i,
+                ) from cause
+            for i in short:
+                tried[i] = set(stored[i])
+            continue
+        refreshed = False
+        for node, positions, outcome in await _send_all(call, batches, send):
+            if not isinstance(outcome, errors.KVStoreError):
+                call.down.clear(node)
+                for i in positions:
+                    stored[i].add(node)
+                continue
+            _failed(call, node, outcome, positions)
+            for i in positions:
+                last[i] = outcome
+            if isinstance(outcome, errors.WrongNodeError):
+                if not refreshed:
+                    await call.refresh()
+                    refreshed = True
+                for i in positions:
+                    plans[i] = plan(i)
+
+
+@dataclass
+class ReadResult:
+    values: list[Any]
+    # Per key, the owners that answered "not here": candidates for read repair.
+    missed_on: list[list[str]]
+
+
+async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_miss: bool) -> ReadResult:
+    """Ask each key's nodes in turn until one has it, standing in the next
+    nodes of the ring for failed ones."""
+    plans = [plan(i) for i in range(count)]
+    orders = [call.down.prefer_up(order, asked)[0] for order, asked, _ in plans]
+    limits = [asked for _, asked, _ in plans]
+    cursor = [0] * count
+    failed = [False] * count
+    done = [False] * count
+    values: list[Any] = [None] * count
+    missed: list[list[str]] = [[] for _ in range(count)]
+    last: list[errors.KVStoreError | None] = [None] * count
+    attempt = 1
+    while True:
+        batches: dict[str, list[int]] = defaultdict(list)
+        for i in range(count):
+            if done[i]:
+                continue
+            if cursor[i] < min(limits[i], len(orders[i])):
+                batches[orders[i][cursor[i]]].append(i)
+            elif not failed[i]:
+                done[i] = True  # every node worth asking answered: a miss
+        if not batches:
+            unresolved = [i for i in range(count) if not done[i]]
+            if not unresolved:
+                return ReadResult(values, missed)
+            attempt += 1
+            if not await call.backoff(attempt):
+                if failures_as_miss:
+                    log.warning("%d keys unreadable on every replica; answering misses", len(unresolved))
+                    return ReadResult(values, missed)
+                i = unresolved[0]
+                cause = last[i]
+                raise errors.UnavailableError(
+                    f"block {i}: no replica answered" + (f": {cause.message}" if cause else ""),
+                    code=cause.code if cause else "ERROR_CODE_UNSPECIFIED",
+                    index=i,
+                ) from cause
+            for i in unresolved:
+                orders[i] = call.down.prefer_up(plans[i][0], plans[i][1])[0]
+                cursor[i], limits[i], failed[i] = 0, plans[i][1], False
+            continue
+        for node, positions, outcome in await _send_all(call, batches, send):
+            if isinstance(outcome, errors.KVStoreError):
+                _failed(call, node, outcome, positions)
+                for i in positions:
+                    cursor[i] += 1
+                    limits[i] += 1  # the next node of the ring stands in
+                    failed[i] = True
+                    last[i] = outcome
+                continue
+            call.down.clear(node)
+            for i, value in zip(positions, outcome):
+                if value is None:
+                    missed[i].append(node)
+                    cursor[i] += 1
+                else:
+                    values[i] = value
+                    done[i] = True

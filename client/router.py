@@ -1,0 +1,101 @@
+"""Where a key's requests go: the client's copy of the cluster map.
+
+``ClusterView`` turns a ``kvstore.v1.ClusterMap`` into the same ring every
+daemon builds, and answers, per key, which daemons to write (the R owners,
+then the next nodes of the ring for those that fail) and which to read (the
+owners in ring order, then the owners under the previous map while blocks are
+still moving, then the next nodes of the ring for those that fail).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvstore._proto.v1 import cluster_pb2
+from kvstore.ring import DEFAULT_VNODES, Ring
+
+
+@dataclass(frozen=True)
+class Replication:
+    replicas: int
+    write_quorum: int
+
+
+class ClusterView:
+    def __init__(self, cluster_map: cluster_pb2.ClusterMap, aliases: dict[str, str] | None = None) -> None:
+        self.map = cluster_map
+        self.epoch = cluster_map.epoch
+        vnodes = cluster_map.vnodes or DEFAULT_VNODES
+        # How this client reaches each node: the address the map advertises,
+        # unless the client reached that node under another name (a Service
+        # name, a port-forward) when it said hello.
+        self.addresses = {n.node_id: n.address for n in cluster_map.nodes}
+        self.addresses.update({k: v for k, v in (aliases or {}).items() if k in self.addresses})
+        self.ring = Ring({n.node_id: n.weight or 1.0 for n in cluster_map.nodes}, vnodes=vnodes)
+        self.previous_ring = None
+        if cluster_map.previous_nodes:
+            for n in cluster_map.previous_nodes:
+                self.addresses.setdefault(n.node_id, (aliases or {}).get(n.node_id, n.address))
+            self.previous_ring = Ring({n.node_id: n.weight or 1.0 for n in cluster_map.previous_nodes}, vnodes=vnodes)
+        self.default = Replication(cluster_map.replicas or 1, cluster_map.write_quorum or 1)
+        self.policies = {
+            (p.namespace.tenant, p.namespace.subtenant): Replication(p.replicas, p.write_quorum)
+            for p in cluster_map.policies
+        }
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.ring.nodes
+
+    def replication(self, tenant: str, subtenant: str) -> Replication:
+        policy = self.policies.get((tenant, subtenant), self.default)
+        replicas = min(policy.replicas, max(1, len(self.ring)))
+        return Replication(replicas, min(policy.write_quorum, replicas))
+
+    def write_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
+        """Every node in ring order from the key, and how many of them are its owners."""
+        order = self.ring.owners(tenant, subtenant, key, len(self.ring))
+        return order, self.replication(tenant, subtenant).replicas
+
+    def read_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
+        """Nodes to ask in turn, and how many of them are worth asking when all
+        answer (owners, then previous owners); the rest stand in for failed ones."""
+        order, replicas = self.write_order(tenant, subtenant, key)
+        asked = order[:replicas]
+        if self.previous_ring is not None:
+            for node in self.previous_ring.owners(tenant, subtenant, key, replicas):
+                if node not in asked:
+                    asked.append(node)
+        rest = [n for n in order if n not in asked]
+        return asked + rest, len(asked)
+
+
+class DownNodes:
+    """Nodes that just failed a request, skipped for a moment so that the next
+    requests go straight to a replica instead of waiting out the same failure."""
+
+    def __init__(self, hold: float = 1.0) -> None:
+        self.hold = hold
+        self._until: dict[str, float] = {}
+
+    def mark(self, node: str) -> None:
+        self._until[node] = time.monotonic() + self.hold
+
+    def clear(self, node: str) -> None:
+        self._until.pop(node, None)
+
+    def is_down(self, node: str) -> bool:
+        until = self._until.get(node)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._until[node]
+            return False
+        return True
+
+    def prefer_up(self, nodes: list[str], count: int) -> tuple[list[str], int]:
+        """``nodes`` with the first ``count`` reordered so that down ones come last among them."""
+        head = nodes[:count]
+        up = [n for n in head if not self.is_down(n)]
+        return up + [n for n in head if n not in up] + nodes[count:], count

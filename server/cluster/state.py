@@ -1,0 +1,168 @@
+"""Where keys belong: the cluster map this daemon serves (members, epoch,
+replication defaults and per-namespace policies) and the ring built from it.
+
+The previous membership is kept while blocks still move to their new owners,
+so a daemon keeps accepting writes routed by either map and clients can fall
+back to the old owners on a read miss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kvstore._proto.v1 import cluster_pb2, data_pb2
+from kvstore.errors import ConfigError, InvalidArgumentError
+from kvstore.namespace import Namespace
+from kvstore.ring import Ring
+from kvstore.server.cluster.membership import MemberList
+
+log = logging.getLogger("kvstore.server.cluster")
+
+POLICY_FILE = "namespace-policies.json"
+
+
+@dataclass(frozen=True)
+class Replication:
+    replicas: int
+    write_quorum: int
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"replicas: {self.replicas} must be at least 1")
+        if not 1 <= self.write_quorum <= self.replicas:
+            raise ConfigError(f"write_quorum: {self.write_quorum} must be between 1 and replicas ({self.replicas})")
+
+    @classmethod
+    def of(cls, replicas: int, write_quorum: int = 0) -> "Replication":
+        """``write_quorum`` 0 means a majority of the replicas."""
+        return cls(replicas, write_quorum or replicas // 2 + 1)
+
+
+def _ring(members: MemberList, vnodes: int) -> Ring:
+    return Ring({m.node_id: m.weight for m in members.members}, vnodes=vnodes)
+
+
+class ClusterState:
+    def __init__(
+        self, node_id: str, advertise: str, members: MemberList, default: Replication, *, vnodes: int, data_dir: Path
+    ) -> None:
+        self.node_id = node_id
+        self.advertise = advertise
+        self.default = default
+        self.vnodes = vnodes
+        self.members = members
+        self.ring = _ring(members, vnodes)
+        self.previous: MemberList | None = None
+        self.previous_ring: Ring | None = None
+        self._policy_path = Path(data_dir) / POLICY_FILE
+        self.policies: dict[Namespace, Replication] = self._load_policies()
+        self._listeners: list[Callable[[MemberList, MemberList], None]] = []
+
+    @property
+    def epoch(self) -> int:
+        return self.members.epoch
+
+    def on_change(self, listener: Callable[[MemberList, MemberList], None]) -> None:
+        """Call ``listener(old, new)`` after every membership change."""
+        self._listeners.append(listener)
+
+    def update(self, members: MemberList) -> None:
+        if members.epoch == self.members.epoch and members.members == self.members.members:
+            return
+        old = self.members
+        if members.members != old.members:
+            if old.members:  # not the first list
+                self.previous, self.previous_ring = old, self.ring
+            self.ring = _ring(members, self.vnodes)
+        self.members = members
+        log.info("cluster map epoch %d: %s", members.epoch, ", ".join(members.node_ids) or "(empty)")
+        for listener in self._listeners:
+            listener(old, members)
+
+    def settled(self, epoch: int) -> None:
+        """Rebalancing to ``epoch`` finished: the previous owners are no longer needed."""
+        if epoch == self.members.epoch:
+            self.previous = self.previous_ring = None
+
+    # -- placement --------------------------------------------------------
+
+    def replication(self, ns: Namespace) -> Replication:
+        return self.policies.get(ns, self.default)
+
+    def owners(self, ns: Namespace, key: bytes, ring: Ring | None = None) -> list[str]:
+        ring = ring or self.ring
+        return ring.owners(ns.tenant, ns.subtenant, key, self.replication(ns).replicas)
+
+    def accepts(self, ns: Namespace, key: bytes) -> bool:
+        """Whether this daemon owns ``key`` under the current or the previous map."""
+        if self.node_id in self.owners(ns, key):
+            return True
+        return self.previous_ring is not None and self.node_id in self.owners(ns, key, self.previous_ring)
+
+    # -- namespace policies ----------------------------------------------
+
+    def set_policy(self, ns: Namespace, replicas: int, write_quorum: int) -> Replication:
+        """Override replication of ``ns``; replicas 0 returns it to the cluster default."""
+        if replicas == 0:
+            if write_quorum:
+                raise InvalidArgumentError("write_quorum needs replicas; give both or neither")
+            self.policies.pop(ns, None)
+        else:
+            try:
+                self.policies[ns] = Replication.of(replicas, write_quorum)
+            except ConfigError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+        self._save_policies()
+        return self.replication(ns)
+
+    def replace_policies(self, policies: dict[Namespace, Replication]) -> None:
+        self.policies = dict(policies)
+        self._save_policies()
+
+    def _load_policies(self) -> dict[Namespace, Replication]:
+        try:
+            raw = json.loads(self._policy_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._policy_path, exc)
+            return {}
+        return {Namespace(t, s): Replication(r, w) for t, s, r, w in raw}
+
+    def _save_policies(self) -> None:
+        rows = [[ns.tenant, ns.subtenant, p.replicas, p.write_quorum] for ns, p in sorted(
+            self.policies.items(), key=lambda item: (item[0].tenant, item[0].subtenant))]
+        tmp = self._policy_path.with_suffix(".tmp")
+        self._policy_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(rows))
+        os.replace(tmp, self._policy_path)
+
+    # -- the wire form ----------------------------------------------------
+
+    def to_proto(self) -> cluster_pb2.ClusterMap:
+        message = cluster_pb2.ClusterMap(
+            epoch=self.epoch,
+            nodes=[_node(m) for m in self.members.members],
+            replicas=self.default.replicas,
+            write_quorum=self.default.write_quorum,
+            vnodes=self.vnodes,
+        )
+        for ns, policy in self.policies.items():
+            message.policies.add(
+                namespace=data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
+                replicas=policy.replicas,
+                write_quorum=policy.write_quorum,
+            )
+        if self.previous is not None:
+            message.previous_epoch = self.previous.epoch
+            message.previous_nodes.extend(_node(m) for m in self.previous.members)
+        return message
+
+
+def _node(member) -> cluster_pb2.Node:
+    return cluster_pb2.Node(node_id=member.node_id, address=member.address, weight=member.weight)
