@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import plot, report, storage, suite
+from bench import plot, report, ring, storage, suite
 from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, Daemon
 from bench.measure import BenchError
 from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {','.join(DEFAULT_PEERS)}); one not installed is skipped with a note (bench/peers/README.md)",
     )
 
-    sub = p.add_subparsers(dest="command", metavar="{storage}")
+    sub = p.add_subparsers(dest="command", metavar="{storage,ring}")
     s = sub.add_parser(
         "storage",
         help="storage layout micro-benchmark (RocksDB blobs vs segment files vs a plain file)",
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help=f"runs per layout; the median is kept (default {STORAGE_REPEATS})")
     s.add_argument("--output", default=argparse.SUPPRESS, help=f"markdown file to write (default {_shown(report.DEFAULT_STORAGE_OUTPUT)})")
     s.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="draw no progress bar")
+    sub.add_parser("ring", help="placement ring balance and movement figures (python -m bench.ring takes options)")
     return p
 
 
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "storage":
             return run_storage(args, parser)
+        if args.command == "ring":
+            ring.main([])
+            return 0
         return run_sdk(args, parser)
     except BenchError as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
