@@ -152,10 +152,12 @@ class Client:
                 return
             self._native_plane()
             last: errors.KVStoreError | None = None
-            for endpoint in self.config.endpoints:
+            # First every seed once without waiting (a dead one fails at once),
+            # then patiently, for daemons that are still starting.
+            for endpoint, wait in [(e, False) for e in self.config.endpoints] + [(e, True) for e in self.config.endpoints]:
                 conn = self._connection(endpoint)
                 try:
-                    hello = await self._handshake(conn, self.config.connect_timeout, wait=True)
+                    hello = await self._handshake(conn, self.config.connect_timeout, wait=wait)
                 except errors.KVStoreError as exc:
                     last = exc
                     continue
@@ -210,10 +212,18 @@ class Client:
             self._plane = (context, _native.Worker(context))
         return self._plane
 
-    async def _handshake(self, conn: Connection, timeout: float, *, wait: bool = False) -> cluster_pb2.HelloResponse:
-        """Hello to one daemon: it learns our worker (and opens its data-plane endpoint to it)."""
+    async def _handshake(
+        self, conn: Connection, timeout: float, *, wait: bool = False, seen: int | None = None
+    ) -> cluster_pb2.HelloResponse:
+        """Hello to one daemon: it learns our worker (and opens its data-plane endpoint to it).
+
+        ``seen`` is the handshake generation a caller found broken: if another
+        caller has said Hello since, that one is used (a second Hello would
+        close the session the first caller's retry is already using)."""
         lock = self._hello_locks.setdefault(conn.endpoint, asyncio.Lock())
         async with lock:
+            if seen is not None and conn.generation != seen and conn.hello is not None:
+                return conn.hello
             worker_address = self._plane[1].address if self._plane else b""
             hello = await conn.handshake(self.client_id, timeout, worker_address, wait=wait)
         if self.config.transport == "ucx" and not conn.zero_copy:
@@ -321,16 +331,17 @@ class Client:
             raise errors.UnavailableError("the client is closed", code="SHUTTING_DOWN")
         conn = self._connection(self._view.addresses[node])
         if conn.hello is None:
-            await self._handshake(conn, timeout)
+            await self._handshake(conn, timeout, seen=conn.generation)
         metadata = ((EPOCH_METADATA, str(self._view.epoch)),)
         for again in (False, True):
+            generation = conn.generation
             try:
                 return await getattr(getattr(conn, service), method)(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate(exc, conn.endpoint)
             if not again and error.code in ("UNKNOWN_CLIENT", "TRANSFER_FAILED") and self._plane is not None:
                 # The daemon lost our data-plane session (it restarted, or a transfer failed).
-                await self._handshake(conn, timeout)
+                await self._handshake(conn, timeout, seen=generation)
                 continue
             raise error
 

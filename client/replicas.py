@@ -101,6 +101,7 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
     stored: list[set[str]] = [set() for _ in range(count)]
     tried: list[set[str]] = [set() for _ in range(count)]
     last: list[errors.KVStoreError | None] = [None] * count
+    why: list[dict[str, str]] = [{} for _ in range(count)]  # node -> its last failure, for the error
     attempt = 1
     while True:
         batches: dict[str, list[int]] = defaultdict(list)
@@ -120,9 +121,10 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
             if not await call.backoff(attempt):
                 i = short[0]
                 cause = last[i]
+                failures = "; ".join(f"{node}: {message}" for node, message in why[i].items())
                 raise errors.UnavailableError(
                     f"block {i} reached {len(stored[i])} of the {plans[i][2]} replicas its write needs"
-                    + (f": {cause.message}" if cause else ""),
+                    f" (stored on {', '.join(sorted(stored[i])) or 'none'}; {failures})",
                     code=cause.code if cause else "ERROR_CODE_UNSPECIFIED",
                     index=i,
                 ) from cause
@@ -139,6 +141,7 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
             _failed(call, node, outcome, positions)
             for i in positions:
                 last[i] = outcome
+                why[i][node] = outcome.message
             if isinstance(outcome, errors.WrongNodeError):
                 if not refreshed:
                     await call.refresh()

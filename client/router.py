@@ -16,6 +16,10 @@ from kvstore._proto.v1 import cluster_pb2
 from kvstore.ring import DEFAULT_VNODES, Ring
 
 
+# Nodes after a key's owners that a request may move on to when owners fail.
+STAND_INS = 3
+
+
 @dataclass(frozen=True)
 class Replication:
     replicas: int
@@ -54,9 +58,11 @@ class ClusterView:
         return Replication(replicas, min(policy.write_quorum, replicas))
 
     def write_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
-        """Every node in ring order from the key, and how many of them are its owners."""
-        order = self.ring.owners(tenant, subtenant, key, len(self.ring))
-        return order, self.replication(tenant, subtenant).replicas
+        """The key's owners and the next nodes of the ring that stand in for
+        failed ones, in ring order, and how many of them are its owners."""
+        replicas = self.replication(tenant, subtenant).replicas
+        order = self.ring.owners(tenant, subtenant, key, min(len(self.ring), replicas + STAND_INS))
+        return order, replicas
 
     def read_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
         """Nodes to ask in turn, and how many of them are worth asking when all
@@ -95,7 +101,7 @@ class DownNodes:
         return True
 
     def prefer_up(self, nodes: list[str], count: int) -> tuple[list[str], int]:
-        """``nodes`` with the first ``count`` reordered so that down ones come last among them."""
-        head = nodes[:count]
-        up = [n for n in head if not self.is_down(n)]
-        return up + [n for n in head if n not in up] + nodes[count:], count
+        """``nodes`` with the down ones moved to the end, so that the next up
+        nodes of the ring stand in for them among the first ``count``."""
+        up = [n for n in nodes if not self.is_down(n)]
+        return up + [n for n in nodes if n not in up], count

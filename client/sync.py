@@ -51,11 +51,13 @@ class SyncClient:
         self._thread.join()
         self._loop.close()
 
-    def put(self, key: bytes, value, durability: str | None = None) -> None:
-        return self._run(self._client.put(key, value, durability))
+    # ``options`` of the data calls: deadline= (a Deadline or seconds), retry= (a RetryPolicy).
 
-    def put_many(self, items, durability: str | None = None) -> int:
-        return self._run(self._client.put_many(items, durability))
+    def put(self, key: bytes, value, durability: str | None = None, **options) -> None:
+        return self._run(self._client.put(key, value, durability, **options))
+
+    def put_many(self, items, durability: str | None = None, **options) -> int:
+        return self._run(self._client.put_many(items, durability, **options))
 
     def register(self, buffer):
         """A reusable MemoryRegion over a writable buffer; see Client.register."""
@@ -64,27 +66,27 @@ class SyncClient:
     def register_ptr(self, address: int, length: int):
         return self._client.register_ptr(address, length)
 
-    def put_from(self, keys, region, offsets, sizes, durability: str | None = None) -> int:
-        return self._run(self._client.put_from(keys, region, offsets, sizes, durability))
+    def put_from(self, keys, region, offsets, sizes, durability: str | None = None, **options) -> int:
+        return self._run(self._client.put_from(keys, region, offsets, sizes, durability, **options))
 
-    def get_into(self, keys, region, offsets, capacities) -> list[int | None]:
-        return self._run(self._client.get_into(keys, region, offsets, capacities))
+    def get_into(self, keys, region, offsets, capacities, **options) -> list[int | None]:
+        return self._run(self._client.get_into(keys, region, offsets, capacities, **options))
 
     @property
     def zero_copy(self) -> bool:
         return self._client.zero_copy
 
-    def get(self, key: bytes) -> bytes | None:
-        return self._run(self._client.get(key))
+    def get(self, key: bytes, **options) -> bytes | None:
+        return self._run(self._client.get(key, **options))
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self._run(self._client.get_many(keys))
+    def get_many(self, keys: Sequence[bytes], **options) -> list[bytes | None]:
+        return self._run(self._client.get_many(keys, **options))
 
-    def exists(self, keys: Sequence[bytes]) -> list[bool]:
-        return self._run(self._client.exists(keys))
+    def exists(self, keys: Sequence[bytes], **options) -> list[bool]:
+        return self._run(self._client.exists(keys, **options))
 
-    def lookup_prefix(self, keys: Sequence[bytes]) -> int:
-        return self._run(self._client.lookup_prefix(keys))
+    def lookup_prefix(self, keys: Sequence[bytes], **options) -> int:
+        return self._run(self._client.lookup_prefix(keys, **options))
 
     def delete(self, keys: Sequence[bytes]) -> int:
         return self._run(self._client.delete(keys))
@@ -103,3 +105,19 @@ class SyncClient:
 
     def drop_namespace(self) -> dict:
         return self._run(self._client.drop_namespace())
+
+    def cluster_map(self) -> dict:
+        self.connect()
+        return self._client.cluster_map()
+
+    def refresh_map(self) -> dict:
+        return self._run(self._client.refresh_map())
+
+    def cluster_stats(self) -> list[dict]:
+        return self._run(self._client.cluster_stats())
+
+    def set_replication(self, replicas: int, write_quorum: int = 0) -> dict:
+        return self._run(self._client.set_replication(replicas, write_quorum))
+
+    def replication(self) -> dict:
+        return self._run(self._client.replication())

@@ -61,6 +61,9 @@ class Connection:
         self.cluster = cluster_pb2_grpc.ClusterStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self.hello: cluster_pb2.HelloResponse | None = None
+        # Counts successful handshakes, so that concurrent callers who saw the
+        # same lost session say Hello again only once.
+        self.generation = 0
 
     @property
     def zero_copy(self) -> bool:
@@ -84,6 +87,7 @@ class Connection:
             )
         except grpc.RpcError as exc:
             raise translate(exc, self.endpoint) from None
+        self.generation += 1
         return self.hello
 
     async def close(self) -> None:

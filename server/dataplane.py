@@ -137,6 +137,11 @@ class DataPlane:
                 self.arena_handle, list(arena_offsets), list(remote_addresses), list(sizes), rkey
             )
         except errors.InvalidArgumentError:
+            if self.sessions.get(session.client_id) is not session:
+                # A new Hello replaced this session (and closed its keys) mid-request.
+                raise errors.UnavailableError(
+                    f"client {session.client_id!r} said Hello again during the transfer; retry", code="UNKNOWN_CLIENT"
+                ) from None
             raise
         except errors.KVStoreError as exc:
             # The client died or its endpoint failed: forget it; it must Hello again.

@@ -167,3 +167,62 @@ def kvstore_cli(*args: str, input: bytes | None = None, env: dict | None = None)
         timeout=60,
         env={**os.environ, **(env or {})},
     )
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """N subprocess daemons that know each other through --peers, on fixed ports
+    so that a killed node restarts where its peers expect it."""
+
+    def __init__(self, root: Path, nodes: int, *extra: str) -> None:
+        self.ids = [f"node{i + 1}" for i in range(nodes)]
+        ports = [free_port() for _ in self.ids]
+        peers = ",".join(f"{node}=127.0.0.1:{port}" for node, port in zip(self.ids, ports))
+        self.procs = {
+            node: DaemonProcess(root / node, "--node-id", node, "--peers", peers, "--memory", "64MiB", *extra, port=port)
+            for node, port in zip(self.ids, ports)
+        }
+
+    def start(self) -> "LocalCluster":
+        for proc in self.procs.values():
+            proc.start()
+        return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{proc.port}" for proc in self.procs.values()]
+
+    def __getitem__(self, node: str) -> DaemonProcess:
+        return self.procs[node]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                try:
+                    proc.proc.send_signal(signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            proc.stop()
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """Factory of LocalClusters, all stopped at the end of the test."""
+    made: list[LocalCluster] = []
+
+    def make(nodes: int = 3, *extra: str) -> LocalCluster:
+        cluster = LocalCluster(tmp_path / f"cluster{len(made)}", nodes, *extra)
+        made.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in made:
+        cluster.stop()
