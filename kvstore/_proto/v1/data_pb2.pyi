@@ -28,12 +28,30 @@ class Namespace(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ...) -> None: ...
 
 class RemoteRegion(_message.Message):
-    __slots__ = ("region_id", "rkey")
+    __slots__ = ("region_id", "rkey", "shared_memory")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     RKEY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     region_id: int
     rkey: bytes
-    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemory
+    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+
+class SharedMemory(_message.Message):
+    __slots__ = ("pid", "fd", "token", "length", "address", "checksums_omitted")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    token: str
+    length: int
+    address: int
+    checksums_omitted: bool
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[str] = ..., length: _Optional[int] = ..., address: _Optional[int] = ..., checksums_omitted: _Optional[bool] = ...) -> None: ...
 
 class BlockWrite(_message.Message):
     __slots__ = ("key", "value", "length", "checksum", "remote_address")
@@ -106,10 +124,12 @@ class BlockRead(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., too_small: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "shared_memory")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BlockRead]
-    def __init__(self, results: _Optional[_Iterable[_Union[BlockRead, _Mapping]]] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[BlockRead, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
     __slots__ = ("namespace", "keys")

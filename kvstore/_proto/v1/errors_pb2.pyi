@@ -23,6 +23,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BUFFER_TOO_SMALL: _ClassVar[ErrorCode]
     INVALID_REMOTE_KEY: _ClassVar[ErrorCode]
     UNKNOWN_CLIENT: _ClassVar[ErrorCode]
+    SHARED_MEMORY_UNAVAILABLE: _ClassVar[ErrorCode]
     CAPACITY_EXHAUSTED: _ClassVar[ErrorCode]
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     STORAGE_FAILURE: _ClassVar[ErrorCode]
@@ -47,6 +48,7 @@ INVALID_ARGUMENT: ErrorCode
 BUFFER_TOO_SMALL: ErrorCode
 INVALID_REMOTE_KEY: ErrorCode
 UNKNOWN_CLIENT: ErrorCode
+SHARED_MEMORY_UNAVAILABLE: ErrorCode
 CAPACITY_EXHAUSTED: ErrorCode
 SHUTTING_DOWN: ErrorCode
 STORAGE_FAILURE: ErrorCode
