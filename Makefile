@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard kvstore/_native/src
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
+	command -v etcd >/dev/null 2>&1 || test -x /usr/bin/etcd || { s=$$(test "$$(id -u)" = 0 || echo sudo -n); $$s apt-get update -qq && $$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; } || echo "etcd not installed: the etcd membership tests will be skipped"
 	touch $@
 
 bench: $(VENV)/.installed
