@@ -97,6 +97,20 @@ class _Compacted(Exception):
         self.revision = revision
 
 
+async def _cancel(tasks: Sequence[asyncio.Task]) -> None:
+    """Cancel ``tasks`` and wait until they have ended. A task can swallow a
+    cancellation (Python 3.11's ``asyncio.wait_for`` does when its inner call
+    finishes at the same moment), so one still running is cancelled again."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the session's own error was already handled
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The range end that covers every key starting with ``prefix``."""
     end = bytearray(prefix)
@@ -222,7 +236,8 @@ class EtcdMembership(Membership):
         self._first = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name=f"etcd-membership-{self.me.node_id}")
         try:
-            await asyncio.wait_for(asyncio.shield(self._first), self.start_timeout)
+            async with asyncio.timeout(self.start_timeout):
+                await asyncio.shield(self._first)
         except TimeoutError:
             await self.stop()
             raise UnavailableError(
@@ -235,11 +250,7 @@ class EtcdMembership(Membership):
         ``revoke=False`` just stops, as a crash would: the others notice after the TTL."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await _cancel([task])
         lease_id, self._lease_id = self._lease_id, 0
         self._connected = False
         if revoke and lease_id:
@@ -354,9 +365,7 @@ class EtcdMembership(Membership):
             for task in done:
                 task.result()  # raises the failure that ended the session
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel(tasks)
 
     async def _register(self, kv, lease) -> None:
         """Keep our lease if etcd still has it, else take a new one; then make
@@ -400,8 +409,9 @@ class EtcdMembership(Membership):
         call = lease.LeaseKeepAlive()
         try:
             while True:
-                await asyncio.wait_for(call.write(rpc.LeaseKeepAliveRequest(ID=self._lease_id)), self._rpc_timeout)
-                reply = await asyncio.wait_for(call.read(), self._rpc_timeout)
+                async with asyncio.timeout(self._rpc_timeout):
+                    await call.write(rpc.LeaseKeepAliveRequest(ID=self._lease_id))
+                    reply = await call.read()
                 if reply is grpc.aio.EOF:
                     raise _SessionEnded("etcd closed the lease keepalive stream")
                 if reply.TTL <= 0:
@@ -460,7 +470,8 @@ class EtcdMembership(Membership):
         create = rpc.WatchCreateRequest(key=prefix, range_end=_prefix_end(prefix), start_revision=start)
         call = watch.Watch(metadata=_WATCH_METADATA)
         try:
-            await asyncio.wait_for(call.write(rpc.WatchRequest(create_request=create)), self._rpc_timeout)
+            async with asyncio.timeout(self._rpc_timeout):
+                await call.write(rpc.WatchRequest(create_request=create))
             async for response in call:
                 if response.compact_revision:
                     raise _Compacted(response.compact_revision)
