@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, Iterable, Sequence
@@ -121,6 +122,8 @@ class Client:
         self._limits: cluster_pb2.HelloResponse | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._refresher: asyncio.Task | None = None
+        self._refreshing: asyncio.Task | None = None
+        self._stale_at = 0.0  # when a daemon last hinted that our map may be stale
         self._background: set[asyncio.Task] = set()
         self._closed = False
         self._plane = None  # (native Context, Worker) once the data plane is up
@@ -174,7 +177,7 @@ class Client:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = list(self._background) + ([self._refresher] if self._refresher else [])
+        tasks = list(self._background) + [t for t in (self._refresher, self._refreshing) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -279,7 +282,7 @@ class Client:
             )
         if self._view is not None and self._view.epoch != cluster_map.epoch:
             log.info("cluster map epoch %d -> %d", self._view.epoch, cluster_map.epoch)
-        self._view = ClusterView(cluster_map, self._aliases)
+        self._view = ClusterView(cluster_map, self._aliases, prior=self._view)
 
     async def refresh_map(self) -> dict:
         """Re-read the cluster map from a daemon now; returns it as cluster_map() does."""
@@ -301,6 +304,20 @@ class Client:
             if fresh.epoch != self._view.epoch or not self._view.map.nodes:
                 self._adopt(fresh)
             return
+
+    def _map_may_be_stale(self) -> None:
+        """A daemon answered with another epoch, or failed: re-read the map soon
+        (in the background, at most a few times a second)."""
+        self._stale_at = time.monotonic()
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh_soon())
+
+    async def _refresh_soon(self) -> None:
+        await asyncio.sleep(0.05)  # let the other failures of the same moment arrive
+        try:
+            await self._refresh_map()
+        except Exception as exc:
+            log.debug("cluster map refresh failed: %s", exc)
 
     async def _refresh_periodically(self) -> None:
         while True:
@@ -336,9 +353,18 @@ class Client:
         for again in (False, True):
             generation = conn.generation
             try:
-                return await getattr(getattr(conn, service), method)(request, timeout=timeout, metadata=metadata)
+                pending = getattr(getattr(conn, service), method)(request, timeout=timeout, metadata=metadata)
+                response = await pending
             except grpc.RpcError as exc:
                 error = translate(exc, conn.endpoint)
+                if error.retryable:
+                    self._map_may_be_stale()
+            else:
+                if service == "data":
+                    for key, value in await pending.trailing_metadata() or ():
+                        if key == EPOCH_METADATA and value != str(self._view.epoch):
+                            self._map_may_be_stale()
+                return response
             if not again and error.code in ("UNKNOWN_CLIENT", "TRANSFER_FAILED") and self._plane is not None:
                 # The daemon lost our data-plane session (it restarted, or a transfer failed).
                 await self._handshake(conn, timeout, seen=generation)
@@ -428,14 +454,32 @@ class Client:
             raise
 
     async def _read(self, keys: Sequence[bytes], send, call: replicas.Call, start: int) -> replicas.ReadResult:
+        """Route a read; misses found while the map was changing are asked again under the new map."""
+        epoch = self._view.epoch
         try:
-            return await replicas.read(
-                len(keys), self._read_plan(keys), send, call, failures_as_miss=self.config.read_failures == "miss"
-            )
+            result = await self._read_once(keys, send, call)
+            missing = [i for i, v in enumerate(result.values) if v is None]
+            if missing and self._stale_at >= call.started:
+                await self._refresh_map()
+                if self._view.epoch != epoch:
+                    again = await self._read_once(
+                        [keys[i] for i in missing],
+                        lambda node, positions, timeout: send(node, [missing[p] for p in positions], timeout),
+                        call,
+                    )
+                    for i, value, missed in zip(missing, again.values, again.missed_on):
+                        result.values[i] = value
+                        result.missed_on[i].extend(missed)
+            return result
         except errors.KVStoreError as exc:
             if exc.index >= 0:
                 exc.index += start
             raise
+
+    async def _read_once(self, keys: Sequence[bytes], send, call: replicas.Call) -> replicas.ReadResult:
+        return await replicas.read(
+            len(keys), self._read_plan(keys), send, call, failures_as_miss=self.config.read_failures == "miss"
+        )
 
     def _repair(self, keys: Sequence[bytes], values: Sequence, missed_on: list[list[str]]) -> None:
         """Write blocks back to owners that answered "not here" (a replica lost or dropped as corrupt)."""

@@ -161,10 +161,13 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
     """Ask each key's nodes in turn until one has it, standing in the next
     nodes of the ring for failed ones."""
     plans = [plan(i) for i in range(count)]
+    # First round: nodes known to be down yield their turn to the next nodes of
+    # the ring; the key counts as not fully asked (failed) until a retry round,
+    # which asks in plain ring order, reaches them.
     orders = [call.down.prefer_up(order, asked)[0] for order, asked, _ in plans]
     limits = [asked for _, asked, _ in plans]
     cursor = [0] * count
-    failed = [False] * count
+    failed = [any(call.down.is_down(n) for n in order[:asked]) for order, asked, _ in plans]
     done = [False] * count
     values: list[Any] = [None] * count
     missed: list[list[str]] = [[] for _ in range(count)]
@@ -179,6 +182,7 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
                 batches[orders[i][cursor[i]]].append(i)
             elif not failed[i]:
                 done[i] = True  # every node worth asking answered: a miss
+                log.debug("key %d: a miss on %s", i, ", ".join(missed[i]))
         if not batches:
             unresolved = [i for i in range(count) if not done[i]]
             if not unresolved:
@@ -196,8 +200,11 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
                     index=i,
                 ) from cause
             for i in unresolved:
-                orders[i] = call.down.prefer_up(plans[i][0], plans[i][1])[0]
-                cursor[i], limits[i], failed[i] = 0, plans[i][1], False
+                # A node that held the key failed: this time ask every node the
+                # plan names, in plain ring order (a map in flux may not name
+                # the holder among the first).
+                orders[i] = plans[i][0]
+                cursor[i], limits[i], failed[i] = 0, len(plans[i][0]), False
             continue
         for node, positions, outcome in await _send_all(call, batches, send):
             if isinstance(outcome, errors.KVStoreError):

@@ -27,7 +27,16 @@ class Replication:
 
 
 class ClusterView:
-    def __init__(self, cluster_map: cluster_pb2.ClusterMap, aliases: dict[str, str] | None = None) -> None:
+    """``prior`` is the view this one replaces: when the map does not say where
+    blocks were before (a daemon that just joined does not know), the members
+    of the prior view that are still in the cluster stand in as previous owners."""
+
+    def __init__(
+        self,
+        cluster_map: cluster_pb2.ClusterMap,
+        aliases: dict[str, str] | None = None,
+        prior: "ClusterView | None" = None,
+    ) -> None:
         self.map = cluster_map
         self.epoch = cluster_map.epoch
         vnodes = cluster_map.vnodes or DEFAULT_VNODES
@@ -38,10 +47,15 @@ class ClusterView:
         self.addresses.update({k: v for k, v in (aliases or {}).items() if k in self.addresses})
         self.ring = Ring({n.node_id: n.weight or 1.0 for n in cluster_map.nodes}, vnodes=vnodes)
         self.previous_ring = None
+        self.previous_members: frozenset[str] = frozenset()
         if cluster_map.previous_nodes:
             for n in cluster_map.previous_nodes:
                 self.addresses.setdefault(n.node_id, (aliases or {}).get(n.node_id, n.address))
             self.previous_ring = Ring({n.node_id: n.weight or 1.0 for n in cluster_map.previous_nodes}, vnodes=vnodes)
+            self.previous_members = frozenset(n.node_id for n in cluster_map.previous_nodes)
+        elif prior is not None and set(prior.ring.nodes) != set(self.ring.nodes):
+            self.previous_ring = prior.ring
+            self.previous_members = frozenset(prior.ring.nodes) & frozenset(self.ring.nodes)
         self.default = Replication(cluster_map.replicas or 1, cluster_map.write_quorum or 1)
         self.policies = {
             (p.namespace.tenant, p.namespace.subtenant): Replication(p.replicas, p.write_quorum)
@@ -71,7 +85,7 @@ class ClusterView:
         asked = order[:replicas]
         if self.previous_ring is not None:
             for node in self.previous_ring.owners(tenant, subtenant, key, replicas):
-                if node not in asked:
+                if node not in asked and node in self.previous_members:
                     asked.append(node)
         rest = [n for n in order if n not in asked]
         return asked + rest, len(asked)

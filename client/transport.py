@@ -55,6 +55,11 @@ class Connection:
                 ("grpc.max_receive_message_length", -1),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.enable_retries", 0),
+                # A restarted daemon must be usable again at once, not after
+                # gRPC's default reconnect backoff (1 s, growing to 2 min).
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
         self.data = data_pb2_grpc.DataStub(self.channel)

@@ -60,6 +60,8 @@ class ServerConfig:
     vnodes: int = 0
     # Bandwidth the background rebalancer may use, bytes per second.
     rebalance_rate: int = size_field(256 << 20)
+    # Seconds between anti-entropy passes (a membership change starts one at once).
+    rebalance_interval: float = 30.0
     # Zero-copy data plane over UCX; off means values travel inline only.
     data_plane: bool = True
     # UCX transports, e.g. "shm,tcp", "tcp", "all"; empty means UCX's default choice.
@@ -105,6 +107,8 @@ class ServerConfig:
             raise ConfigError("vnodes: must not be negative")
         if self.rebalance_rate < 1:
             raise ConfigError("rebalance_rate: must be positive")
+        if self.rebalance_interval <= 0:
+            raise ConfigError("rebalance_interval: must be positive")
         if self.peers and self.etcd:
             raise ConfigError("peers and etcd: choose static peers or etcd membership, not both")
         if self.peers:

@@ -16,6 +16,7 @@ from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
 from kvstore.errors import ConfigError
 from kvstore.ring import DEFAULT_VNODES
 from kvstore.server.cluster.membership import Member, MemberList, Membership, StaticMembership, parse_peers
+from kvstore.server.cluster.rebalance import Rebalancer
 from kvstore.server.cluster.state import ClusterState, Replication
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
@@ -44,6 +45,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.membership: Membership | None = None
         self.cluster: ClusterState | None = None
+        self.rebalancer: Rebalancer | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -85,7 +87,17 @@ class Daemon:
         await self._join_cluster()
         data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
         cluster = ClusterService(config, self.metrics, self.cluster, self.dataplane)
-        admin = AdminService(self.store, config, self.metrics, self.dataplane, self.cluster, self.membership)
+        self.rebalancer = Rebalancer(
+            self.cluster,
+            self.store,
+            rate=config.rebalance_rate,
+            interval=config.rebalance_interval,
+            data_dir=Path(config.data_dir),
+            max_message=config.max_message_bytes,
+        )
+        admin = AdminService(
+            self.store, config, self.metrics, self.dataplane, self.cluster, self.membership, self.rebalancer.snapshot
+        )
         self.server.add_generic_rpc_handlers((data.handler(), cluster.handler(), admin.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -93,6 +105,7 @@ class Daemon:
             self.server,
         )
         await self.server.start()
+        self.rebalancer.start()
         self._wire_gauges()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
@@ -139,6 +152,14 @@ class Daemon:
         m.corrupt.set_function(lambda: store.disk.corrupt_blocks)
         m.evictions.set_function(lambda: store.memory.evictions)
         m.namespaces.set_function(lambda: len(store.disk.namespaces))
+        status = self.rebalancer.status
+        m.cluster_nodes.set_function(lambda: len(self.cluster.members.members))
+        m.rebalance_scanned.set_function(lambda: status.keys_scanned)
+        m.rebalance_total.set_function(lambda: status.keys_total)
+        m.rebalance_copied.set_function(lambda: status.keys_copied)
+        m.rebalance_bytes.set_function(lambda: status.bytes_copied)
+        m.rebalance_dropped.set_function(lambda: status.keys_dropped)
+        m.rebalance_running.set_function(lambda: status.state == "running")
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), flush, close."""
@@ -147,6 +168,9 @@ class Daemon:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
             self.server = None
+        if self.rebalancer is not None:
+            await self.rebalancer.stop()
+            self.rebalancer = None
         if self.membership is not None:
             await self.membership.stop()
             self.membership = None

@@ -30,6 +30,13 @@ class Metrics:
         self.tier_capacity = Gauge("kvstore_tier_capacity_bytes", "Capacity per tier", ["tier"], registry=r)
         self.evictions = Gauge("kvstore_memory_evictions", "Blocks evicted from the memory tier", registry=r)
         self.namespaces = Gauge("kvstore_namespaces", "Namespaces known to this daemon", registry=r)
+        self.cluster_nodes = Gauge("kvstore_cluster_nodes", "Members of the cluster map", registry=r)
+        self.rebalance_running = Gauge("kvstore_rebalance_running", "1 while a rebalance pass runs", registry=r)
+        self.rebalance_scanned = Gauge("kvstore_rebalance_keys_scanned", "Blocks walked by the current pass", registry=r)
+        self.rebalance_total = Gauge("kvstore_rebalance_keys_total", "Blocks the current pass walks", registry=r)
+        self.rebalance_copied = Gauge("kvstore_rebalance_keys_copied", "Blocks copied to their owners", registry=r)
+        self.rebalance_bytes = Gauge("kvstore_rebalance_bytes_copied", "Bytes copied to owners", registry=r)
+        self.rebalance_dropped = Gauge("kvstore_rebalance_keys_dropped", "Local copies dropped after owners confirmed", registry=r)
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

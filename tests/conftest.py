@@ -183,22 +183,43 @@ class LocalCluster:
     so that a killed node restarts where its peers expect it."""
 
     def __init__(self, root: Path, nodes: int, *extra: str) -> None:
+        self.root = root
+        self.extra = ("--memory", "64MiB", *extra)
         self.ids = [f"node{i + 1}" for i in range(nodes)]
-        ports = [free_port() for _ in self.ids]
-        peers = ",".join(f"{node}=127.0.0.1:{port}" for node, port in zip(self.ids, ports))
-        self.procs = {
-            node: DaemonProcess(root / node, "--node-id", node, "--peers", peers, "--memory", "64MiB", *extra, port=port)
-            for node, port in zip(self.ids, ports)
-        }
+        self.ports = {node: free_port() for node in self.ids}
+        self.procs = {node: self._process(node) for node in self.ids}
+
+    def _process(self, node: str) -> DaemonProcess:
+        peers = ",".join(f"{n}=127.0.0.1:{self.ports[n]}" for n in self.ids)
+        return DaemonProcess(
+            self.root / node, "--node-id", node, "--peers", peers, *self.extra, port=self.ports[node]
+        )
 
     def start(self) -> "LocalCluster":
         for proc in self.procs.values():
             proc.start()
         return self
 
+    def reconfigure(self, ids: list[str]) -> None:
+        """Make ``ids`` the members: every daemon restarts in turn with the new
+        peer list (SIGTERM, then start), new ones start, dropped ones stop."""
+        for node in ids:
+            self.ports.setdefault(node, free_port())
+        gone = [n for n in self.ids if n not in ids]
+        self.ids = list(ids)
+        for node in ids:
+            old = self.procs.get(node)
+            if old is not None and old.proc is not None and old.proc.poll() is None:
+                old.terminate()
+            self.procs[node] = self._process(node).start()
+        for node in gone:
+            proc = self.procs.pop(node)
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.terminate()
+
     @property
     def endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{proc.port}" for proc in self.procs.values()]
+        return [f"127.0.0.1:{self.ports[node]}" for node in self.ids]
 
     def __getitem__(self, node: str) -> DaemonProcess:
         return self.procs[node]

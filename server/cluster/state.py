@@ -3,7 +3,8 @@ replication defaults and per-namespace policies) and the ring built from it.
 
 The previous membership is kept while blocks still move to their new owners,
 so a daemon keeps accepting writes routed by either map and clients can fall
-back to the old owners on a read miss.
+back to the old owners on a read miss. Both lists are saved in the data dir:
+a daemon restarted with a new static peer list still knows where blocks were.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from kvstore._proto.v1 import cluster_pb2, data_pb2
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.namespace import Namespace
 from kvstore.ring import Ring
-from kvstore.server.cluster.membership import MemberList
+from kvstore.server.cluster.membership import Member, MemberList
 
 log = logging.getLogger("kvstore.server.cluster")
 
 POLICY_FILE = "namespace-policies.json"
+MEMBERSHIP_FILE = "membership.json"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ClusterState:
         self.ring = _ring(members, vnodes)
         self.previous: MemberList | None = None
         self.previous_ring: Ring | None = None
+        self._membership_path = Path(data_dir) / MEMBERSHIP_FILE
+        self._remembered = self._load_membership()
         self._policy_path = Path(data_dir) / POLICY_FILE
         self.policies: dict[Namespace, Replication] = self._load_policies()
         self._listeners: list[Callable[[MemberList, MemberList], None]] = []
@@ -76,18 +80,51 @@ class ClusterState:
             return
         old = self.members
         if members.members != old.members:
-            if old.members:  # not the first list
-                self.previous, self.previous_ring = old, self.ring
+            if old.members:
+                self._set_previous(old)
+            else:  # the first list since start: compare with what we knew before
+                before, unsettled = self._remembered
+                if before is not None and before.members != members.members:
+                    self._set_previous(before)
+                elif unsettled is not None and unsettled.members != members.members:
+                    self._set_previous(unsettled)
             self.ring = _ring(members, self.vnodes)
         self.members = members
+        self._save_membership()
         log.info("cluster map epoch %d: %s", members.epoch, ", ".join(members.node_ids) or "(empty)")
         for listener in self._listeners:
             listener(old, members)
 
     def settled(self, epoch: int) -> None:
         """Rebalancing to ``epoch`` finished: the previous owners are no longer needed."""
-        if epoch == self.members.epoch:
+        if epoch == self.members.epoch and self.previous is not None:
             self.previous = self.previous_ring = None
+            self._save_membership()
+
+    def learn_previous(self, members: MemberList) -> bool:
+        """A peer's view of where blocks were, for a daemon that has no history of its own
+        (one that just joined); True if it was taken."""
+        if self.previous is not None or not members.members or members.members == self.members.members:
+            return False
+        self._set_previous(members)
+        self._save_membership()
+        return True
+
+    def _set_previous(self, members: MemberList) -> None:
+        self.previous, self.previous_ring = members, _ring(members, self.vnodes)
+
+    def _load_membership(self) -> tuple[MemberList | None, MemberList | None]:
+        try:
+            raw = json.loads(self._membership_path.read_text())
+            return _members(raw.get("members")), _members(raw.get("previous"))
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._membership_path, exc)
+            return None, None
+
+    def _save_membership(self) -> None:
+        _write_json(self._membership_path, {"members": _rows(self.members), "previous": _rows(self.previous)})
 
     # -- placement --------------------------------------------------------
 
@@ -137,10 +174,7 @@ class ClusterState:
     def _save_policies(self) -> None:
         rows = [[ns.tenant, ns.subtenant, p.replicas, p.write_quorum] for ns, p in sorted(
             self.policies.items(), key=lambda item: (item[0].tenant, item[0].subtenant))]
-        tmp = self._policy_path.with_suffix(".tmp")
-        self._policy_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(rows))
-        os.replace(tmp, self._policy_path)
+        _write_json(self._policy_path, rows)
 
     # -- the wire form ----------------------------------------------------
 
@@ -166,3 +200,23 @@ class ClusterState:
 
 def _node(member) -> cluster_pb2.Node:
     return cluster_pb2.Node(node_id=member.node_id, address=member.address, weight=member.weight)
+
+
+def _write_json(path: Path, data) -> None:
+    """Replace ``path`` atomically: a crash leaves the old file or the new one."""
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _rows(members: MemberList | None):
+    if members is None or not members.members:
+        return None
+    return {"epoch": members.epoch, "nodes": [[m.node_id, m.address, m.weight] for m in members.members]}
+
+
+def _members(rows) -> MemberList | None:
+    if not rows:
+        return None
+    return MemberList(int(rows["epoch"]), tuple(Member(n, a, float(w)) for n, a, w in rows["nodes"]))

@@ -13,7 +13,7 @@ from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
-from kvstore.server.rpc.handlers import service
+from kvstore.server.rpc.handlers import EPOCH_METADATA, service
 from kvstore.server.rpc.wire import encode_get_response
 from kvstore.server.storage.store import BlockIn, BlockStore, verify_block
 
@@ -24,8 +24,8 @@ DURABILITY = {
 }
 LIST_PAGE = 1000
 MAX_BATCH_KEYS = 100_000
-# Request metadata: the epoch of the cluster map the client routed the call with.
-EPOCH_METADATA = "kvstore-epoch"
+# Request metadata: the epoch of the cluster map the client routed the call with
+# (the same key carries the daemon's epoch back, in the trailing metadata).
 
 
 def routed_epoch(context) -> int | None:
@@ -76,6 +76,7 @@ class DataService:
                 "Stat": (pb.StatRequest, self.stat),
             },
             self.metrics,
+            epoch=lambda: self.cluster.epoch,
         )
 
     async def put(self, request: pb.PutRequest, context) -> pb.PutResponse:

@@ -63,11 +63,21 @@ def has_unknown_fields(message: Message) -> bool:
     return False
 
 
-def service(name: str, methods: dict[str, tuple[type[Message], Handler]], metrics: Metrics):
+# Trailing metadata of every successful Data call: the epoch of this daemon's
+# cluster map, so a client routing with another map learns to refresh it.
+EPOCH_METADATA = "kvstore-epoch"
+
+
+def service(
+    name: str,
+    methods: dict[str, tuple[type[Message], Handler]],
+    metrics: Metrics,
+    epoch: Callable[[], int] | None = None,
+):
     """A generic handler for ``kvstore.v1.<name>`` whose methods parse strictly."""
     handlers = {
         method: grpc.unary_unary_rpc_method_handler(
-            _wrap(f"{name}.{method}", request_type, handler, metrics),
+            _wrap(f"{name}.{method}", request_type, handler, metrics, epoch),
             request_deserializer=None,
             response_serializer=_serialize,
         )
@@ -81,7 +91,7 @@ def _serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _wrap(label: str, request_type: type[Message], handler: Handler, metrics: Metrics):
+def _wrap(label: str, request_type: type[Message], handler: Handler, metrics: Metrics, epoch):
     requests = metrics.requests
     latency = metrics.latency.labels(label)
 
@@ -107,6 +117,8 @@ def _wrap(label: str, request_type: type[Message], handler: Handler, metrics: Me
             await context.abort(grpc.StatusCode.INTERNAL, error.message)
         requests.labels(label, "OK").inc()
         latency.observe(time.perf_counter() - started)
+        if epoch is not None:
+            context.set_trailing_metadata(((EPOCH_METADATA, str(epoch())),))
         return response
 
     return call
