@@ -4,9 +4,10 @@ cases (statistics, waiting for write-back, emptying the namespace).
 
 The client paths (each a ``Client`` per bench client process, bench.workers):
 
-  zero-copy (shm)  transport "ucx", ucx_tls "shm,tcp": the daemon reads and writes
-                   the client's registered buffers over shared memory (UCX picks
-                   shm/CMA for a peer on the same host); put_from / get_into
+  zero-copy (shm)  transport "ucx", ucx_tls "shm,tcp", buffers from Client.allocate:
+                   shared memory the co-located daemon maps; it copies each block
+                   between that memory and its arena with one memcpy; put_from /
+                   get_into
   zero-copy (tcp)  transport "ucx", ucx_tls "tcp": the same calls, every byte over
                    UCX's TCP transport (the daemon reaches this client over TCP only)
   inline           transport "inline": values inside the gRPC messages; put_many /

@@ -347,8 +347,10 @@ def render_sdk(info: dict, settings: dict, results: list[Result], notes: list[st
         "to disk in the background, and the bench waits for that write-back, untimed, before the get case), "
         "as the peers keep blocks in memory only. put (disk) is acknowledged once the value is appended to a "
         "segment file and indexed (page cache, not fsynced): the cost of persistence.",
-        "- zero-copy rows: `put_from`/`get_into` on buffers registered once per block size "
-        "(`Client.register`); the daemon moves the bytes by RMA (UCX) between them and its memory tier. "
+        "- zero-copy rows: `put_from`/`get_into`, buffers set up once per block size. (shm): memory the SDK "
+        "allocated (`Client.allocate`, a memfd the co-located daemon maps): the daemon copies each block with "
+        "one memcpy between it and its memory tier, hashing as it copies. (tcp): numpy buffers registered with "
+        "`Client.register`; the daemon moves the bytes by RMA over UCX's TCP transport. "
         "inline rows: `put_many`/`get_many`, values inside the gRPC messages.",
         "- Every get case reads back the blocks its put case wrote; each value begins with its own key and "
         "every byte is compared with what was put (after the timed calls; destinations zeroed before).",

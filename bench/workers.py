@@ -159,7 +159,9 @@ class Driver:
 
 class KvstoreDriver(Driver):
     """The kvstore SDK: ``mode`` "shm" or "tcp" is the zero-copy path (transport "ucx",
-    ``ucx_tls`` "shm,tcp" or "tcp") with ``put_from``/``get_into`` on registered buffers;
+    ``ucx_tls`` "shm,tcp" or "tcp") with ``put_from``/``get_into``: "shm" on memory the SDK
+    allocated (``Client.allocate``: shared with the co-located daemon, which copies with
+    memcpy), "tcp" on registered numpy buffers (the daemon's RMA over UCX's TCP transport);
     "inline" is transport "inline" with ``put_many``/``get_many`` (values in gRPC messages)."""
 
     TLS = {"shm": "shm,tcp", "tcp": "tcp"}
@@ -196,13 +198,25 @@ class KvstoreDriver(Driver):
         return self.loop.run_until_complete(coro)
 
     def prepare(self, block_size, batch, dst_blocks):
-        src = np.empty(batch * block_size, dtype=np.uint8)
-        self._buffers(block_size, batch, src, np.zeros(dst_blocks * block_size, dtype=np.uint8))
+        if self.mode == "shm":
+            # Memory the SDK allocates (Client.allocate): shared with the co-located daemon, which
+            # copies each block with one memcpy, as Mooncake's shm client buffers are.
+            self.src_region = self.client.allocate(batch * block_size)
+            self.dst_region = self.client.allocate(dst_blocks * block_size)
+            self.regions = [self.src_region, self.dst_region]
+            src = np.frombuffer(self.src_region.buffer, dtype=np.uint8)
+            dst = np.frombuffer(self.dst_region.buffer, dtype=np.uint8)
+            dst[:] = 0
+        else:
+            src = np.empty(batch * block_size, dtype=np.uint8)
+            dst = np.zeros(dst_blocks * block_size, dtype=np.uint8)
+        self._buffers(block_size, batch, src, dst)
         self.src_blocks = [self.values.block(self.src, j) for j in range(batch)]
-        if self.mode != "inline":
+        if self.mode == "tcp":
             self.src_region = self.client.register(self.src)
             self.dst_region = self.client.register(self.dst)
             self.regions = [self.src_region, self.dst_region]
+        if self.mode != "inline":
             self.put_offsets = [j * block_size for j in range(batch)]
         # One unmeasured block per kind of call: first-call costs (rkey unpacking, lazy mappings) stay out.
         for durability in ("memory", "disk"):
@@ -228,12 +242,12 @@ class KvstoreDriver(Driver):
         return self._run(self.client.get_into(keys, self.dst_region, offsets, [self.size] * len(keys)))
 
     def release(self):
+        self.src_blocks = []
+        super().release()  # the arrays first: an allocated region cannot close under views of it
         for region in self.regions:
             region.close()
         self.regions = []
         self.src_region = self.dst_region = None
-        self.src_blocks = []
-        super().release()
 
     def close(self):
         self.release()

@@ -25,7 +25,7 @@ from kvstore.checksum import checksum
 from kvstore.client import replicas
 from kvstore.client.batching import by_count, by_count_and_bytes
 from kvstore.client.config import ClientConfig, Deadline, RetryPolicy
-from kvstore.client.regions import MemoryRegion, StagingPool, anonymous_buffer
+from kvstore.client.regions import MemoryRegion, StagingPool, allocate_region
 from kvstore.client.router import ClusterView, DownNodes
 from kvstore.client.transport import Connection, translate
 from kvstore.extents import ExtentAllocator
@@ -235,7 +235,7 @@ class Client:
                 code="DATA_PLANE_UNAVAILABLE",
             )
         if conn.zero_copy and self._staging is None:
-            self._staging = StagingPool(self.register(anonymous_buffer(self.config.staging_bytes)))
+            self._staging = StagingPool(self.allocate(self.config.staging_bytes))
         return hello
 
     def register(self, buffer) -> MemoryRegion:
@@ -253,6 +253,14 @@ class Client:
         plane = self._native_plane()
         handle = plane[0].register_ptr(address, length) if plane else None
         return MemoryRegion(None, handle, address=address, length=length)
+
+    def allocate(self, nbytes: int) -> MemoryRegion:
+        """``nbytes`` of memory owned by the SDK, for put_from/get_into: fill and read
+        it through ``region.buffer``. A daemon on this host maps it and copies each
+        block with one memcpy (no RMA, checksums computed as it copies); other
+        daemons reach it by RMA like a registered buffer. Close it (or use
+        ``with``) when done."""
+        return allocate_region(nbytes, self.register)
 
     def _connection(self, endpoint: str) -> Connection:
         conn = self._connections.get(endpoint)
@@ -562,7 +570,7 @@ class Client:
                 cursor += ExtentAllocator.rounded(n)
             region = self._staging.region
             await _copy(lambda: [region.view(o, v.nbytes).__setitem__(slice(None), v) for o, v in zip(offsets, views)], total)
-            checksums = [region.checksum(o, n) for o, n in zip(offsets, sizes)]
+            checksums = region.checksums(offsets, sizes)
             return await self._put_routed(keys, views.__getitem__, (region, offsets, sizes, checksums), level, call, start)
         finally:
             await self._staging.release(base, total)
@@ -601,13 +609,18 @@ class Client:
 
     async def _put_region(self, node: str, keys, region: MemoryRegion, offsets, sizes, checksums, level: int, timeout: float) -> bool:
         """A zero-copy Put; False when the daemon cannot stage the blocks (send them inline)."""
+        omitted = region.daemon_checksums  # shared memory: the daemon hashes as it copies
+        if not omitted:
+            checksums = [region.checksum(o, n) if c is None else c for o, n, c in zip(offsets, sizes, checksums)]
+        wire = region.wire()
+        wire.shared_memory.checksums_omitted = omitted
         request = data_pb2.PutRequest(
             namespace=self.namespace,
             durability=level,
             client_id=self.client_id,
-            region=data_pb2.RemoteRegion(region_id=region.region_id, rkey=region.rkey),
+            region=wire,
             blocks=[
-                data_pb2.BlockWrite(key=k, length=n, checksum=c, remote_address=region.address + o)
+                data_pb2.BlockWrite(key=k, length=n, checksum=0 if omitted else c, remote_address=region.address + o)
                 for k, o, n, c in zip(keys, offsets, sizes, checksums)
             ],
         )
@@ -617,6 +630,11 @@ class Client:
             if exc.code != TOO_BIG:
                 raise
             return False
+        except errors.InvalidArgumentError as exc:
+            if not omitted or exc.code != "SHARED_MEMORY_UNAVAILABLE":
+                raise
+            region.daemon_checksums = False  # that daemon reads it by RMA: it needs our checksums
+            return await self._put_region(node, keys, region, offsets, sizes, checksums, level, timeout)
         return True
 
     async def put_from(
@@ -649,7 +667,7 @@ class Client:
         call = self._call_context(deadline, retry)
         ranges = list(by_count_and_bytes(list(sizes), self.config.max_batch_keys, self._max_batch_bytes))
         zero_copy = self.zero_copy and region.zero_copy
-        checksums = [region.checksum(o, n) for o, n in zip(offsets, sizes)] if zero_copy else None
+        checksums = region.checksums(offsets, sizes) if zero_copy else None
 
         async def chunk(a: int, b: int) -> int:
             offs, lens = list(offsets[a:b]), list(sizes[a:b])
@@ -782,7 +800,7 @@ class Client:
             namespace=self.namespace,
             keys=keys,
             client_id=self.client_id,
-            region=data_pb2.RemoteRegion(region_id=region.region_id, rkey=region.rkey),
+            region=region.wire(),
             slots=[data_pb2.RemoteSlot(address=region.address + o, capacity=c) for o, c in zip(offsets, capacities)],
         )
         for attempt in (1, 2):
@@ -796,13 +814,15 @@ class Client:
                 raise errors.InternalError(f"the daemon answered {len(response.results)} of {len(keys)} keys")
             out: list[int | None] = []
             corrupt = None
+            # Over shared memory the daemon verified each block while it copied it.
+            verify = self.config.verify_checksums and not response.shared_memory
             for j, (result, offset) in enumerate(zip(response.results, offsets)):
                 if not result.found:
                     out.append(None)
                 elif result.too_small:
                     out.append(-result.length)
                 else:
-                    if self.config.verify_checksums and region.checksum(offset, result.length) != result.checksum:
+                    if verify and region.checksum(offset, result.length) != result.checksum:
                         corrupt = j
                     out.append(result.length)
             if corrupt is None:

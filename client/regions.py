@@ -1,9 +1,13 @@
 """Registered memory on the client side: ``MemoryRegion`` (a buffer the caller
-registered once and reuses across requests) and ``StagingPool`` (the SDK's own
-registered buffer that plain put/get copy through on the zero-copy path).
+registered once and reuses across requests, or memory the SDK allocated for
+it) and ``StagingPool`` (the SDK's own region that plain put/get copy through
+on the zero-copy path).
 
 A region works with or without the native module: with it, the daemon moves
 bytes by RMA; without it, the SDK copies them through inline messages.
+Memory the SDK allocates (``allocate_region``, ``Client.allocate``) is also
+shared memory: a daemon on the same host maps it and copies each block with
+one memcpy instead of RMA (kvstore._native.shared_memory).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import itertools
 import mmap
 
 from kvstore import errors
+from kvstore._proto.v1 import data_pb2
 from kvstore.checksum import checksum
 from kvstore.extents import ExtentAllocator
 
@@ -38,10 +43,34 @@ class MemoryRegion:
         self.address = handle.address if handle is not None else address or 0
         self.rkey = handle.packed_rkey if handle is not None else b""
         self.closed = False
+        # SharedMemory when the SDK allocated this region (allocate_region).
+        self.shared = None
+        # Whether puts leave the checksums to the daemon: only over shared memory,
+        # until a daemon answers that it cannot map it.
+        self.daemon_checksums = False
 
     @property
     def zero_copy(self) -> bool:
         return self.handle is not None and not self.closed
+
+    @property
+    def buffer(self) -> memoryview:
+        """The region's bytes (writable)."""
+        if self.closed:
+            raise errors.InvalidArgumentError("the memory region is closed")
+        return self._view
+
+    def wire(self) -> data_pb2.RemoteRegion:
+        """The region as a zero-copy request names it."""
+        region = data_pb2.RemoteRegion(region_id=self.region_id, rkey=self.rkey)
+        if self.shared is not None:
+            pid, fd, token, length = self.shared.descriptor
+            region.shared_memory.pid = pid
+            region.shared_memory.fd = fd
+            region.shared_memory.token = token
+            region.shared_memory.length = length
+            region.shared_memory.address = self.address
+        return region
 
     def view(self, offset: int, size: int) -> memoryview:
         self.check(offset, size)
@@ -59,6 +88,13 @@ class MemoryRegion:
     def checksum(self, offset: int, size: int) -> int:
         return checksum(self._view[offset : offset + size])
 
+    def checksums(self, offsets, sizes) -> list[int | None]:
+        """The checksums a put from this region sends: None each while the daemon
+        computes them itself (shared memory; see ``daemon_checksums``)."""
+        if self.daemon_checksums:
+            return [None] * len(offsets)
+        return [self.checksum(o, n) for o, n in zip(offsets, sizes)]
+
     def close(self) -> None:
         if self.closed:
             return
@@ -66,6 +102,8 @@ class MemoryRegion:
         if self.handle is not None:
             self.handle.close()
         self._view.release()
+        if self.shared is not None:
+            self.shared.close()
 
     def __enter__(self) -> "MemoryRegion":
         return self
@@ -74,7 +112,7 @@ class MemoryRegion:
         self.close()
 
     def __repr__(self) -> str:
-        mode = "zero-copy" if self.zero_copy else "inline"
+        mode = ("shared " if self.shared is not None else "") + ("zero-copy" if self.zero_copy else "inline")
         return f"<MemoryRegion {self.region_id} {self.length} bytes {mode}{' closed' if self.closed else ''}>"
 
 
@@ -108,3 +146,24 @@ class StagingPool:
 
 def anonymous_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def allocate_region(nbytes: int, register) -> MemoryRegion:
+    """``nbytes`` of memory owned by the SDK, registered with ``register`` (the
+    client's ``register``): shared memory where the platform has it, so that a
+    daemon on this host can map it, else anonymous memory."""
+    from kvstore._native import shared_memory
+
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        raise errors.InvalidArgumentError(f"allocate() needs a positive number of bytes, not {nbytes!r}")
+    shared = shared_memory.SharedMemory.create(nbytes) if shared_memory.supported() else None
+    try:
+        region = register(shared.buffer if shared is not None else anonymous_buffer(nbytes))
+    except BaseException:
+        if shared is not None:
+            shared.close()
+        raise
+    region.shared = shared
+    region.daemon_checksums = shared is not None
+    return region
+

@@ -7,6 +7,15 @@ into arena extents, for a get it RMA-writes arena extents into the client's
 region. Clients receive lengths and checksums, never a daemon rkey nor the
 daemon's worker address.
 
+Co-located clients go faster: a region the client allocated as shared memory
+(a sealed memfd, kvstore._native.shared_memory) is mapped by the daemon, which
+then moves a block with one memcpy between that mapping and the arena, hashing
+it on the way (``copy_from_client``/``copy_to_client``, off the event loop, the
+GIL released). Only client memory is ever shared; the arena stays private. A
+mapping lives as long as the client holds the memory: the daemon watches the
+client's process (a pidfd) and drops its session when it exits, and unmaps a
+region the client closed when it next maps one.
+
 That is not an access control on its own: UCX serves software-emulated RMA
 (TCP) for any peer that holds an endpoint to a worker, whatever rkey it
 presents, and over shared memory a same-user process can read another through
@@ -16,9 +25,12 @@ daemon's worker (network policy, separate users), not on rkeys.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvstore import errors
@@ -27,6 +39,9 @@ from kvstore.server.storage.arena import Arena
 log = logging.getLogger("kvstore.server.dataplane")
 
 RKEYS_PER_CLIENT = 64  # unpacked remote keys cached per client (one per registered region)
+SHARED_PER_CLIENT = 64  # shared-memory regions mapped per client
+COPY_THREADS = 4  # concurrent shared-memory copies (each may use 2 threads when large)
+PARALLEL_COPY_BYTES = 8 << 20  # a batch this large is copied by 2 threads
 
 
 @dataclass
@@ -34,13 +49,30 @@ class ClientSession:
     client_id: str
     endpoint: object
     rkeys: OrderedDict = field(default_factory=OrderedDict)  # (region_id, rkey bytes) -> RemoteKey
+    # (region_id, token) -> SharedMemory, or None when it could not be mapped
+    shared: OrderedDict = field(default_factory=OrderedDict)
+    pidfd: int = -1  # the client's process, watched once it shared memory
     since: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
         for rkey in self.rkeys.values():
             rkey.close()
         self.rkeys.clear()
+        self.unmap()
         self.endpoint.close()
+
+    def unmap(self) -> None:
+        for mapping in self.shared.values():
+            if mapping is not None:
+                mapping.close()
+        self.shared.clear()
+        if self.pidfd >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            except RuntimeError:
+                pass  # no loop any more: nothing watches it
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class DataPlane:
@@ -68,6 +100,7 @@ class DataPlane:
         self.worker = _native.Worker(self.context)
         self.arena_handle = self.context.register(arena.buffer)
         self.arena = arena
+        self._copies = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvstore-copy")
         self.enabled = True
 
     def hello(self, client_id: str, worker_address: bytes) -> None:
@@ -121,6 +154,93 @@ class DataPlane:
             oldest.close()
         return rkey
 
+    def shared_region(self, session: ClientSession, region):
+        """The client's shared memory behind a request's ``RemoteRegion``, mapped
+        here (once per region), or None when the region is not shared memory or
+        this daemon cannot map it (then RMA moves its bytes)."""
+        if not region.HasField("shared_memory"):
+            return None
+        shm = region.shared_memory
+        cache_key = (region.region_id, shm.token)
+        if cache_key in session.shared:
+            session.shared.move_to_end(cache_key)
+            return session.shared[cache_key]
+        from kvstore._native.shared_memory import SharedMemory, SharedMemoryUnavailable
+
+        self._sweep(session)
+        try:
+            mapping = SharedMemory.attach(shm.pid, shm.fd, shm.token, shm.length)
+        except SharedMemoryUnavailable as exc:
+            log.info("client %s: region %d is read by RMA: %s", session.client_id, region.region_id, exc.message)
+            mapping = None
+        if mapping is not None:
+            mapping.address = shm.address
+            self._watch(session, shm.pid)
+        session.shared[cache_key] = mapping
+        while len(session.shared) > SHARED_PER_CLIENT:
+            _, oldest = session.shared.popitem(last=False)
+            if oldest is not None:
+                oldest.close()
+        return mapping
+
+    def _sweep(self, session: ClientSession) -> None:
+        """Unmap the regions the client has closed (their fd no longer holds them)."""
+        for cache_key, mapping in list(session.shared.items()):
+            if mapping is not None and not mapping.still_held():
+                del session.shared[cache_key]
+                mapping.close()
+
+    def _watch(self, session: ClientSession, pid: int) -> None:
+        """Drop the session as soon as the client's process exits, so nothing it
+        shared stays mapped here."""
+        if session.pidfd >= 0 or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            session.pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone already, or not allowed: sweeps and the endpoint's failure still clean up
+        client_id = session.client_id
+
+        def exited() -> None:
+            if self.sessions.get(client_id) is session:
+                log.info("client %s exited; its session and shared memory are released", client_id)
+                self.drop(client_id)
+            else:
+                session.unmap()
+
+        asyncio.get_running_loop().add_reader(session.pidfd, exited)
+
+    async def copy_from_client(self, mapping, arena_offsets, remote_addresses, sizes) -> list[int]:
+        """Copy blocks of a client's shared memory into arena extents; the xxh3-64 of each."""
+        offsets = [address - mapping.address for address in remote_addresses]
+        return await self._copy(self.arena.buffer, list(arena_offsets), mapping.buffer, offsets, list(sizes))
+
+    async def copy_to_client(self, mapping, arena_offsets, remote_addresses, sizes) -> list[int]:
+        """Copy arena extents into a client's shared memory; the xxh3-64 of each block's arena bytes."""
+        offsets = [address - mapping.address for address in remote_addresses]
+        return await self._copy(mapping.buffer, offsets, self.arena.buffer, list(arena_offsets), list(sizes))
+
+    async def _copy(self, destination, destination_offsets, source, source_offsets, sizes) -> list[int]:
+        if not sizes:
+            return []
+        if destination is None or source is None:
+            raise errors.UnavailableError("the client's shared memory was released", code="TRANSFER_FAILED")
+        threads = 2 if sum(sizes) >= PARALLEL_COPY_BYTES else 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._copies, lambda: self._native.copy_blocks(
+                    destination, destination_offsets, source, source_offsets, sizes, threads=threads
+                ),
+            )
+        except errors.InvalidArgumentError as exc:
+            if exc.index < 0:  # the mapping itself is gone (the session was dropped meanwhile)
+                raise errors.UnavailableError(
+                    f"the client's shared memory was released: {exc.message}", code="TRANSFER_FAILED"
+                ) from None
+            raise errors.InvalidArgumentError(
+                f"a block lies outside the client's shared memory: {exc.message}", index=exc.index
+            ) from None
+
     async def read_from_client(self, session, rkey, arena_offsets, remote_addresses, sizes) -> None:
         """RMA-read client bytes into arena extents."""
         await self._transfer(session, "get_async", rkey, arena_offsets, remote_addresses, sizes)
@@ -169,4 +289,5 @@ class DataPlane:
             self.drop(client_id)
         self.arena_handle.close()
         self.worker.close(timeout=5)  # let transfers in flight finish before endpoints go
+        self._copies.shutdown(wait=True)
         self.enabled = False

@@ -9,6 +9,8 @@
         ├── get / put                             batch of descriptors, callback(status, message)
         └── get_async / put_async                 the same, awaited on the running loop
     xxh3(handle, offset, length)        checksum of registered memory, without a copy
+    copy_blocks(dst, ..., src, ...)     block copies between two local buffers, hashed on the way
+    shared_memory.SharedMemory          client memory a co-located daemon maps (memfd)
 
 The compiled part is ``kvstore._native._ext`` (``src/``: a UCX-only C++ core and
 one nanobind shim). Importing this package never fails: when UCX or the
@@ -71,6 +73,7 @@ __all__ = [
     "TransportTimeoutError",
     "Worker",
     "available",
+    "copy_blocks",
     "error_for_status",
     "unavailable_reason",
     "xxh3",
@@ -496,3 +499,24 @@ def xxh3(handle: MemoryHandle, offset: int, length: int) -> int:
         return xxhash.xxh3_64_intdigest(b"")
     view = (ctypes.c_char * length).from_address(native.address + offset)
     return xxhash.xxh3_64_intdigest(view)
+
+
+def copy_blocks(
+    destination,
+    destination_offsets: Sequence[int],
+    source,
+    source_offsets: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    threads: int = 1,
+) -> list[int]:
+    """Copy ``sizes[i]`` bytes from ``source`` at ``source_offsets[i]`` to
+    ``destination`` at ``destination_offsets[i]`` for every i, and return the
+    xxh3-64 of each range (hashed while its bytes are in cache). Both are
+    buffer-protocol objects (an mmap, a memoryview of the arena); they stay
+    exported during the copy, which runs with the GIL released, on up to
+    ``threads`` threads for a large batch. Ranges outside either buffer raise
+    InvalidArgumentError (naming the index) before anything is copied."""
+    return _require().copy_blocks(
+        destination, list(destination_offsets), source, list(source_offsets), list(sizes), max(1, int(threads))
+    )

@@ -86,11 +86,25 @@ class DataService:
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
             session = self.dataplane.session(request.client_id)
-            rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
+            region = request.region
+            shared = self.dataplane.shared_region(session, region)
+            if shared is not None:
 
-            async def transfer(arena_offsets, sizes, indices):
-                remote = [addresses[i] for i in indices]
-                await self.dataplane.read_from_client(session, rkey, arena_offsets, remote, sizes)
+                async def transfer(arena_offsets, sizes, indices):
+                    remote = [addresses[i] for i in indices]
+                    return await self.dataplane.copy_from_client(shared, arena_offsets, remote, sizes)
+
+            else:
+                if region.shared_memory.checksums_omitted:
+                    raise InvalidArgumentError(
+                        "this daemon cannot map the client's shared memory; send the blocks' checksums",
+                        code="SHARED_MEMORY_UNAVAILABLE",
+                    )
+                rkey = self.dataplane.remote_key(session, region.region_id, region.rkey)
+
+                async def transfer(arena_offsets, sizes, indices):
+                    remote = [addresses[i] for i in indices]
+                    await self.dataplane.read_from_client(session, rkey, arena_offsets, remote, sizes)
 
             stored = await self.store.put_remote(ns, blocks, durability, transfer)
         else:
@@ -105,6 +119,7 @@ class DataService:
         """Validated blocks of a zero-copy put, and where each one lies in the client's region."""
         self._check_batch(len(request.blocks))
         limit = self.config.max_value_size
+        unchecked = request.region.shared_memory.checksums_omitted  # the daemon computes them while copying
         blocks, addresses = [], []
         for i, block in enumerate(request.blocks):
             key = validate_key(block.key, i)
@@ -116,7 +131,7 @@ class DataService:
                 raise InvalidArgumentError(
                     f"block {i} is {block.length} bytes; the limit is {limit}", code="VALUE_TOO_LARGE", index=i
                 )
-            blocks.append(BlockIn(ns.prefix + key, None, block.length, block.checksum))
+            blocks.append(BlockIn(ns.prefix + key, None, block.length, None if unchecked else block.checksum))
             addresses.append(block.remote_address)
         return blocks, addresses
 
@@ -195,15 +210,24 @@ class DataService:
                 f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code="INVALID_ARGUMENT"
             )
         session = self.dataplane.session(request.client_id)
-        rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
         slots = request.slots
+        shared = self.dataplane.shared_region(session, request.region)
+        if shared is not None:
 
-        async def transfer(arena_offsets, lengths, indices):
-            addresses = [slots[i].address for i in indices]
-            await self.dataplane.write_to_client(session, rkey, arena_offsets, addresses, lengths)
+            async def transfer(arena_offsets, lengths, indices):
+                addresses = [slots[i].address for i in indices]
+                return await self.dataplane.copy_to_client(shared, arena_offsets, addresses, lengths)
+
+        else:
+            rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
+
+            async def transfer(arena_offsets, lengths, indices):
+                addresses = [slots[i].address for i in indices]
+                await self.dataplane.write_to_client(session, rkey, arena_offsets, addresses, lengths)
 
         found = await self.store.get_remote(keys, [slot.capacity for slot in slots], transfer)
-        response = pb.GetResponse()
+        # Over shared memory the daemon verified every checksum while it copied.
+        response = pb.GetResponse(shared_memory=shared is not None)
         hits = sent = 0
         for block in found:
             if block is None:

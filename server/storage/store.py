@@ -113,10 +113,13 @@ class BlockStore:
         """Store a batch whose bytes the data plane reads straight into the arena.
 
         ``transfer(arena_offsets, sizes, indices)`` fills the reserved extents with
-        blocks ``indices`` of the batch (RMA from the client); checksums are verified
-        over the arena bytes before anything is persisted or published. A batch larger
-        than a quarter of the arena is taken in parts, one after the other. On any
-        failure every extent reserved for the failing part is released.
+        blocks ``indices`` of the batch (RMA from the client, or a copy from its
+        shared memory) and returns None, or the xxh3-64 of each block it copied
+        (hashed on the way). Checksums are verified before anything is persisted or
+        published: those returned, else over the arena bytes. A block whose
+        ``checksum`` is None takes the one computed here. A batch larger than a
+        quarter of the arena is taken in parts, one after the other. On any failure
+        every extent reserved for the failing part is released.
         """
         for indices in self._parts([block.length for block in blocks]):
             await self._put_remote_part([blocks[i] for i in indices], indices, durability, transfer)
@@ -129,8 +132,11 @@ class BlockStore:
         slots = await self._reserve_all(sizes)
         persist = durability != MEMORY
         try:
-            await transfer(slots, sizes, indices)
-            await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == SYNC)
+            checksums = await transfer(slots, sizes, indices)
+            if checksums is None or persist:
+                await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == SYNC, checksums)
+            else:
+                _verify(blocks, indices, checksums)  # numbers only: no need to leave the loop
         except BaseException:
             self._release(slots, sizes)
             raise
@@ -150,17 +156,10 @@ class BlockStore:
             used += length
         return parts if parts[0] else []
 
-    def _verify_and_persist(self, blocks, indices, slots, seqs, persist: bool, sync: bool) -> None:
+    def _verify_and_persist(self, blocks, indices, slots, seqs, persist: bool, sync: bool, checksums=None) -> None:
         arena = self.memory.arena
         views = [arena.view(slot, block.length) for block, slot in zip(blocks, slots)]
-        for i, block, view in zip(indices, blocks, views):
-            if xxh3(view) != block.checksum:
-                raise InvalidArgumentError(
-                    f"block {i}: xxh3-64 checksum {block.checksum:#018x} does not match the bytes read "
-                    "from the client's region",
-                    code="CHECKSUM_MISMATCH",
-                    index=i,
-                )
+        _verify(blocks, indices, checksums if checksums is not None else [xxh3(view) for view in views])
         if persist:
             writes = [
                 self.disk.append(block.key, view, block.length, block.checksum, seq)
@@ -325,16 +324,30 @@ class BlockStore:
             if missing:
                 await self._load_into_arena(keys, missing, pinned)
             fits = [j for j, e in enumerate(pinned) if e is not None and e.length <= capacities[j]]
-            await transfer([pinned[j].offset for j in fits], [pinned[j].length for j in fits], [indices[j] for j in fits])
-            return [
+            checksums = await transfer(
+                [pinned[j].offset for j in fits], [pinned[j].length for j in fits], [indices[j] for j in fits]
+            )
+            results = [
                 None if e is None else (e.length, e.checksum, e.length <= capacity)
                 for e, capacity in zip(pinned, capacities)
             ]
+            # A transfer that hashed the arena bytes as it copied them: a block that no
+            # longer matches its checksum is never returned (a miss, counted, dropped).
+            for j, actual in zip(fits, checksums or ()):
+                if actual != pinned[j].checksum:
+                    results[j] = None
+                    self._drop_corrupt(pinned[j])
+            return results
         finally:
             for entry in pinned:
                 if entry is not None:
                     self.memory.unpin(entry)
             self._space_freed()
+
+    def _drop_corrupt(self, entry: Resident) -> None:
+        self.disk._count_corrupt(entry.key, f"the memory tier's copy failed its checksum (arena offset {entry.offset})")
+        if self.memory.lookup(entry.key) is entry:
+            self.memory.remove(entry.key)  # a clean block is read from disk next time
 
     async def _load_into_arena(self, keys, positions: list[int], pinned: list) -> None:
         """Read the blocks at ``positions`` from disk into pinned arena extents."""
@@ -497,6 +510,21 @@ class BlockStore:
         self._writeback_pool.shutdown(wait=True)
         self.disk.close()
         self.memory.close()
+
+
+def _verify(blocks: list[BlockIn], indices: list[int], checksums: list[int]) -> None:
+    """Check the xxh3-64 of each block's bytes as stored against its writer's; a block
+    that came without one (``checksum`` None) takes the stored bytes' own."""
+    for i, block, actual in zip(indices, blocks, checksums):
+        if block.checksum is None:
+            block.checksum = actual
+        elif actual != block.checksum:
+            raise InvalidArgumentError(
+                f"block {i}: xxh3-64 checksum {block.checksum:#018x} does not match the bytes read "
+                "from the client's region",
+                code="CHECKSUM_MISMATCH",
+                index=i,
+            )
 
 
 def verify_block(value, length: int, expected: int, index: int) -> None:

@@ -75,6 +75,7 @@ def test_public_names():
         "TransportTimeoutError",
         "Worker",
         "available",
+        "copy_blocks",
         "error_for_status",
         "unavailable_reason",
         "xxh3",

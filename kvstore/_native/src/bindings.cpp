@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "context.h"
+#include "copy.h"
 #include "endpoint.h"
 #include "memory_handle.h"
 #include "remote_key.h"
@@ -173,6 +174,74 @@ void post(const std::shared_ptr<kn::Endpoint>& endpoint,
            std::move(completion));
 }
 
+// A buffer-protocol export held for the length of one call.
+class HeldBuffer {
+ public:
+  HeldBuffer(nb::handle object, bool writable, const char* what) {
+    const int flags = (writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) | PyBUF_ANY_CONTIGUOUS;
+    if (PyObject_GetBuffer(object.ptr(), &view_, flags) != 0) {
+      nb::python_error error;
+      throw kn::InvalidArgumentError(std::string(what) + " must be a " +
+                                     (writable ? "writable, " : "") + "contiguous buffer (" +
+                                     error.what() + ")");
+    }
+  }
+  ~HeldBuffer() { PyBuffer_Release(&view_); }
+  HeldBuffer(const HeldBuffer&) = delete;
+  HeldBuffer& operator=(const HeldBuffer&) = delete;
+
+  std::byte* data() const noexcept { return static_cast<std::byte*>(view_.buf); }
+  std::uint64_t length() const noexcept { return static_cast<std::uint64_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+// copy_blocks: bounds-checked ranges between two buffers, copied and hashed
+// with the GIL released; the buffers stay exported (so an mmap cannot be
+// closed under the copy) until it is done.
+std::vector<std::uint64_t> copy_blocks(nb::handle destination,
+                                       const std::vector<std::int64_t>& destination_offsets,
+                                       nb::handle source,
+                                       const std::vector<std::int64_t>& source_offsets,
+                                       const std::vector<std::int64_t>& sizes, unsigned threads) {
+  if (destination_offsets.size() != sizes.size() || source_offsets.size() != sizes.size()) {
+    throw kn::InvalidArgumentError("destination_offsets, source_offsets and sizes differ in length (" +
+                                   std::to_string(destination_offsets.size()) + ", " +
+                                   std::to_string(source_offsets.size()) + ", " +
+                                   std::to_string(sizes.size()) + ")");
+  }
+  HeldBuffer dst(destination, true, "the destination");
+  HeldBuffer src(source, false, "the source");
+  std::vector<kn::CopyRange> ranges;
+  ranges.reserve(sizes.size());
+  const auto inside = [](std::int64_t offset, std::int64_t size, std::uint64_t length) {
+    return offset >= 0 && size >= 0 && static_cast<std::uint64_t>(offset) <= length &&
+           static_cast<std::uint64_t>(size) <= length - static_cast<std::uint64_t>(offset);
+  };
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const int index = static_cast<int>(i);
+    if (!inside(destination_offsets[i], sizes[i], dst.length())) {
+      throw kn::InvalidArgumentError("range " + std::to_string(i) + ": [" +
+                                         std::to_string(destination_offsets[i]) + ", +" +
+                                         std::to_string(sizes[i]) + ") is outside the destination of " +
+                                         std::to_string(dst.length()) + " bytes",
+                                     index);
+    }
+    if (!inside(source_offsets[i], sizes[i], src.length())) {
+      throw kn::InvalidArgumentError("range " + std::to_string(i) + ": [" +
+                                         std::to_string(source_offsets[i]) + ", +" +
+                                         std::to_string(sizes[i]) + ") is outside the source of " +
+                                         std::to_string(src.length()) + " bytes",
+                                     index);
+    }
+    ranges.push_back({src.data() + source_offsets[i], dst.data() + destination_offsets[i],
+                      static_cast<std::size_t>(sizes[i])});
+  }
+  nb::gil_scoped_release release;
+  return kn::copy_and_hash(ranges, threads);
+}
+
 nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
 
 std::string from_bytes(const nb::bytes& b) { return std::string(b.c_str(), b.size()); }
@@ -231,6 +300,9 @@ NB_MODULE(_ext, m) {
       },
       "The version of the UCX library loaded at run time.");
 
+  m.def("copy_blocks", &copy_blocks, "destination"_a, "destination_offsets"_a, "source"_a,
+        "source_offsets"_a, "sizes"_a, "threads"_a = 1,
+        "Copy ranges of one buffer into another with the GIL released; returns the xxh3-64 of each.");
   nb::class_<kn::Context>(m, "Context")
       .def(nb::new_([](const std::string& tls, const kn::Context::Settings& settings) {
              nb::gil_scoped_release release;  // ucp_init loads transport modules

@@ -1,0 +1,172 @@
+"""Client.allocate: regions a co-located daemon maps (shared memory), used by
+put_from / get_into across processes, with the RMA fallback when the daemon
+cannot map them."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from kvstore.client import Client
+
+try:
+    from kvstore import _native
+    from kvstore._native.shared_memory import supported
+
+    SHARED = _native.available() and supported()
+except ImportError:
+    SHARED = False
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(not SHARED, reason="no native data plane or memfd")]
+
+
+def mapped_tokens(pid: int) -> set[str]:
+    """Tokens of the client memfds process ``pid`` has mapped."""
+    tokens = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            if "/memfd:kvstore-" in line:
+                tokens.add(line.split("/memfd:kvstore-", 1)[1].split()[0])
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def daemon_pid_address(tmp_path_factory):
+    """One daemon in its own process: the client's memory is shared across processes."""
+    from tests.conftest import DaemonProcess
+
+    proc = DaemonProcess(tmp_path_factory.mktemp("shared"), "--memory", "512MiB", "--max-value-size", "96MiB").start()
+    yield proc.proc.pid, proc.address
+    proc.stop()
+
+
+def fill(region, seed: int) -> np.ndarray:
+    view = np.frombuffer(region.buffer, dtype=np.uint8)
+    view[:] = np.random.default_rng(seed).integers(0, 256, len(view), dtype=np.uint8)
+    return view
+
+
+async def test_blocks_of_1_byte_to_64_mib_are_byte_exact(daemon_pid_address, tenant):
+    pid, address = daemon_pid_address
+    sizes = [1, 17, 4095, 4096, 4097, (1 << 20) - 1, 1 << 20, 3_333_333, 64 << 20]
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(sum(sizes) + 4096) as src, kv.allocate(sum(sizes) + 4096) as dst:
+            data = fill(src, 1)
+            offsets = np.cumsum([5] + sizes[:-1]).tolist()  # unaligned offsets
+            keys = [b"s%d" % n for n in sizes]
+            assert await kv.put_from(keys, src, offsets, sizes) == len(sizes)
+            assert src.shared.token in mapped_tokens(pid)  # the daemon copied from our memory
+            got = await kv.get_into(keys + [b"missing"], dst, offsets + [0], sizes + [10])
+            assert got == sizes + [None]
+            assert dst.shared.token in mapped_tokens(pid)
+            out = np.frombuffer(dst.buffer, dtype=np.uint8)
+            for offset, size in zip(offsets, sizes):
+                assert np.array_equal(out[offset : offset + size], data[offset : offset + size]), size
+            del data, out
+            # The plain API reads the same blocks (through the shared staging pool).
+            assert await kv.get(b"s4097") == bytes(src.buffer[offsets[4] : offsets[4] + 4097])
+
+
+async def test_batches_of_a_thousand_keys(daemon_pid_address, tenant):
+    _, address = daemon_pid_address
+    n, size = 1000, 4096
+    async with Client(address, tenant=tenant, transport="ucx", max_batch_keys=256) as kv:
+        with kv.allocate(n * size) as src, kv.allocate(n * size) as dst:
+            data = fill(src, 2)
+            keys = [b"k%04d" % i for i in range(n)]
+            offsets = [i * size for i in range(n)]
+            assert await kv.put_from(keys, src, offsets, [size] * n) == n
+            assert await kv.get_into(keys, dst, offsets[::-1], [size] * n) == [size] * n
+            out = np.frombuffer(dst.buffer, dtype=np.uint8).reshape(n, size)
+            assert np.array_equal(out[::-1], data.reshape(n, size))
+            del data, out
+
+
+async def test_plain_put_many_and_get_many_go_through_shared_staging(daemon_pid_address, tenant):
+    pid, address = daemon_pid_address
+    values = [(b"p%d" % i, os.urandom(s)) for i, s in enumerate([1, 100, 70_000, 3 << 20, 200_000])]
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        await kv.put_many(values)
+        assert await kv.get_many([k for k, _ in values] + [b"none"]) == [v for _, v in values] + [None]
+        assert kv._staging.region.shared.token in mapped_tokens(pid)
+
+
+async def test_a_daemon_that_cannot_map_the_memory_reads_it_by_rma(daemon_pid_address, tenant):
+    _, address = daemon_pid_address
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(1 << 20) as src, kv.allocate(1 << 20) as dst:
+            data = fill(src, 3)
+            src.shared.pid = dst.shared.pid = 2**22 + 4321  # a process the daemon cannot find
+            assert src.daemon_checksums
+            assert await kv.put_from([b"a", b"b"], src, [0, 1000], [1000, 5000]) == 2
+            assert not src.daemon_checksums  # refused once, then sent with checksums over RMA
+            assert await kv.get_into([b"b", b"a"], dst, [0, 8192], [5000, 1000]) == [5000, 1000]
+            out = np.frombuffer(dst.buffer, dtype=np.uint8)
+            assert np.array_equal(out[:5000], data[1000:6000]) and np.array_equal(out[8192:9192], data[:1000])
+            del data, out
+
+
+async def test_closed_regions_are_unmapped_by_the_daemon(daemon_pid_address, tenant):
+    pid, address = daemon_pid_address
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        old = kv.allocate(1 << 20)
+        await kv.put_from([b"x"], old, [0], [100])
+        token = old.shared.token
+        assert token in mapped_tokens(pid)
+        old.close()
+        with kv.allocate(1 << 20) as new:  # mapping a new region sweeps the closed ones
+            await kv.put_from([b"y"], new, [0], [100])
+            assert token not in mapped_tokens(pid)
+            assert new.shared.token in mapped_tokens(pid)
+
+
+async def test_regions_of_a_client_that_closes_are_unmapped(daemon_pid_address, tenant):
+    import subprocess
+    import sys
+    import time
+
+    pid, address = daemon_pid_address
+    script = (
+        "import asyncio, sys\n"
+        "from kvstore.client import Client\n"
+        "async def main():\n"
+        "    async with Client(sys.argv[1], tenant=sys.argv[2], transport='ucx') as kv:\n"
+        "        r = kv.allocate(1 << 20)\n"
+        "        await kv.put_from([b'z'], r, [0], [10])\n"
+        "        print(r.shared.token, flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    token = subprocess.run([sys.executable, "-c", script, address, tenant], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert len(token) == 32
+    deadline = time.monotonic() + 10
+    while token in mapped_tokens(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert token not in mapped_tokens(pid)
+
+
+async def test_allocate_without_the_data_plane_works_inline(daemon, tenant):
+    async with Client(daemon.address, tenant=tenant, transport="inline") as kv:
+        with kv.allocate(64 << 10) as region:
+            assert not region.zero_copy
+            region.buffer[:5] = b"hello"
+            await kv.put_from([b"h"], region, [0], [5])
+            assert await kv.get_into([b"h"], region, [100], [10]) == [5]
+            assert bytes(region.buffer[100:105]) == b"hello"
+
+
+async def test_a_corrupt_arena_block_is_never_returned(fresh_daemon, tenant):
+    # In-process daemon: the test can damage the arena copy of a block.
+    async with Client(fresh_daemon.address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(1 << 20) as region:
+            data = fill(region, 4).copy()
+            await kv.put_from([b"c"], region, [0], [1 << 20], durability="disk")
+            entry = next(e for k, e in fresh_daemon.store.memory._index.items() if k.endswith(b"c"))
+            fresh_daemon.store.memory.arena.buffer[entry.offset + 7] ^= 0xFF
+            corrupt_before = fresh_daemon.store.disk.corrupt_blocks
+            assert await kv.get_into([b"c"], region, [0], [1 << 20]) == [None]  # a miss, never bad bytes
+            assert fresh_daemon.store.disk.corrupt_blocks == corrupt_before + 1
+            # The arena copy is dropped; the next read comes from disk, intact.
+            assert await kv.get_into([b"c"], region, [0], [1 << 20]) == [1 << 20]
+            assert bytes(region.buffer) == data.tobytes()
