@@ -13,7 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, KVStoreError
+from kvstore.namespace import Namespace
 from kvstore.ring import DEFAULT_VNODES
 from kvstore.server.cluster.membership import Member, MemberList, Membership, StaticMembership, parse_peers
 from kvstore.server.cluster.rebalance import Rebalancer
@@ -140,7 +141,17 @@ class Daemon:
             vnodes=config.vnodes or DEFAULT_VNODES,
             data_dir=Path(config.data_dir),
         )
-        self.cluster.update(await self.membership.start(self.cluster.update))
+        self.cluster.update(await self.membership.start(self.cluster.update, self._policies_changed))
+
+    def _policies_changed(self, table: dict[tuple[str, str], dict]) -> None:
+        """etcd's namespace policies, the same on every daemon."""
+        policies = {}
+        for (tenant, subtenant), policy in table.items():
+            try:
+                policies[Namespace(tenant, subtenant)] = Replication.of(policy["replicas"], policy.get("write_quorum", 0))
+            except (KVStoreError, KeyError, TypeError) as exc:
+                log.warning("ignoring the policy of %s/%s from etcd: %s", tenant, subtenant, exc)
+        self.cluster.replace_policies(policies)
 
     def _wire_gauges(self) -> None:
         store, m = self.store, self.metrics

@@ -182,18 +182,35 @@ class LocalCluster:
     """N subprocess daemons that know each other through --peers, on fixed ports
     so that a killed node restarts where its peers expect it."""
 
-    def __init__(self, root: Path, nodes: int, *extra: str) -> None:
+    def __init__(self, root: Path, nodes: int, *extra: str, etcd: str | None = None) -> None:
         self.root = root
+        self.etcd = etcd  # membership through this etcd instead of --peers
         self.extra = ("--memory", "64MiB", *extra)
         self.ids = [f"node{i + 1}" for i in range(nodes)]
         self.ports = {node: free_port() for node in self.ids}
         self.procs = {node: self._process(node) for node in self.ids}
 
     def _process(self, node: str) -> DaemonProcess:
-        peers = ",".join(f"{n}=127.0.0.1:{self.ports[n]}" for n in self.ids)
+        if self.etcd:
+            membership = ("--etcd", self.etcd, "--etcd-ttl", "3")
+        else:
+            membership = ("--peers", ",".join(f"{n}=127.0.0.1:{self.ports[n]}" for n in self.ids))
         return DaemonProcess(
-            self.root / node, "--node-id", node, "--peers", peers, *self.extra, port=self.ports[node]
+            self.root / node, "--node-id", node, *membership, *self.extra, port=self.ports[node]
         )
+
+    def add(self, node: str) -> DaemonProcess:
+        """Start one more daemon (etcd membership: the others see it join)."""
+        self.ports[node] = free_port()
+        self.ids.append(node)
+        self.procs[node] = self._process(node).start()
+        return self.procs[node]
+
+    def remove(self, node: str) -> None:
+        """Stop one daemon for good (SIGTERM: under etcd it leaves the map at once)."""
+        self.ids.remove(node)
+        proc = self.procs.pop(node)
+        proc.terminate()
 
     def start(self) -> "LocalCluster":
         for proc in self.procs.values():
@@ -239,8 +256,8 @@ def local_cluster(tmp_path):
     """Factory of LocalClusters, all stopped at the end of the test."""
     made: list[LocalCluster] = []
 
-    def make(nodes: int = 3, *extra: str) -> LocalCluster:
-        cluster = LocalCluster(tmp_path / f"cluster{len(made)}", nodes, *extra)
+    def make(nodes: int = 3, *extra: str, etcd: str | None = None) -> LocalCluster:
+        cluster = LocalCluster(tmp_path / f"cluster{len(made)}", nodes, *extra, etcd=etcd)
         made.append(cluster)
         return cluster.start()
 

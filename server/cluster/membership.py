@@ -92,10 +92,16 @@ def parse_peers(text: str) -> tuple[Member, ...]:
 
 class Membership(ABC):
     """A source of member lists. ``start`` returns the first; later changes
-    are passed to ``on_change`` on the event loop."""
+    are passed to ``on_change`` on the event loop. A source that also keeps
+    namespace policies cluster-wide (etcd) passes its whole table to
+    ``on_policies`` at start and after every change."""
 
     @abstractmethod
-    async def start(self, on_change: Callable[[MemberList], None]) -> MemberList: ...
+    async def start(
+        self,
+        on_change: Callable[[MemberList], None],
+        on_policies: Callable[[dict[tuple[str, str], dict]], None] | None = None,
+    ) -> MemberList: ...
 
     @abstractmethod
     async def stop(self) -> None: ...
@@ -119,7 +125,7 @@ class StaticMembership(Membership):
         members[me.node_id] = me
         self._list = MemberList.of(members.values())
 
-    async def start(self, on_change: Callable[[MemberList], None]) -> MemberList:
+    async def start(self, on_change, on_policies=None) -> MemberList:
         return self._list
 
     async def stop(self) -> None:

@@ -76,9 +76,13 @@ class AdminService:
         policy = request.policy
         ns = namespace_of(policy)
         applied = self.cluster.set_policy(ns, policy.replicas, policy.write_quorum)
-        publish = getattr(self.membership, "put_policy", None)
-        if publish is not None:  # etcd: every daemon learns it through its watch
-            await publish(ns.tenant, ns.subtenant, {"replicas": policy.replicas, "write_quorum": policy.write_quorum})
+        if hasattr(self.membership, "put_policy"):  # etcd: every daemon learns it through its watch
+            if policy.replicas == 0:
+                await self.membership.delete_policy(ns.tenant, ns.subtenant)
+            else:
+                await self.membership.put_policy(
+                    ns.tenant, ns.subtenant, {"replicas": applied.replicas, "write_quorum": applied.write_quorum}
+                )
         return self._policy(ns, applied)
 
     async def get_namespace_policy(self, request: pb.GetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
