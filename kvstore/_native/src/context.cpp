@@ -1,5 +1,9 @@
 #include "context.h"
 
+#include <cstdlib>
+#include <string>
+#include <utility>
+
 #include "status.h"
 
 namespace kvstore::native {
@@ -32,6 +36,21 @@ Context::Context(std::string tls, const Settings& settings) : tls_(std::move(tls
   status = ucp_config_modify(config.get(), "RNDV_THRESH", "inf");
   if (status != UCS_OK) {
     throw_status(status, "cannot configure UCX");
+  }
+  // Over TCP, UCX emulates a remote read (the daemon taking a client's put)
+  // with replies of one TX segment each, 8 KiB by default: 256 KiB segments
+  // halve the CPU a 32 MiB batch costs both sides. Every kvstore process uses
+  // these defaults, since a peer must receive whole segments: RX is larger
+  // than TX so that a peer configured with up to 512 KiB still fits. The
+  // UCX_TCP_* environment, then `settings`, override them.
+  for (const auto& [name, value] : {std::pair{"TCP_TX_SEG_SIZE", "256K"}, std::pair{"TCP_RX_SEG_SIZE", "512K"}}) {
+    if (std::getenv((std::string("UCX_") + name).c_str()) != nullptr) {
+      continue;
+    }
+    status = ucp_config_modify(config.get(), name, value);
+    if (status != UCS_OK) {
+      throw_status(status, "cannot configure UCX");
+    }
   }
   for (const auto& [name, value] : settings) {
     status = ucp_config_modify(config.get(), name.c_str(), value.c_str());
