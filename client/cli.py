@@ -6,7 +6,10 @@
       exists KEY...           print which keys are stored; exit 1 if any is not
       rm KEY...               delete blocks; print how many existed
       ls [--prefix P]         list keys with their sizes
-      stat                    blocks and bytes per tier, namespaces, uptime
+      stat                    blocks and bytes per tier, namespaces, uptime, cluster, rebalancing
+      ns ls                   namespaces with blocks and bytes, cluster-wide
+      ns get|set [--tenant T] [--subtenant S] [--replicas R] [--write-quorum W]
+                              a namespace's replication (set: on every node)
       cluster up [--nodes N] [--etcd] [--dir DIR] [--replicas R] [--write-quorum W]
                  [--memory SIZE] [--base-port P] [-- SERVER_FLAGS...]
                               start N daemons on loopback in the background
@@ -91,7 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--prefix", default="")
     ls.add_argument("--limit", type=int, default=None)
 
-    sub.add_parser("stat", help="daemon statistics: tiers, namespaces, uptime")
+    sub.add_parser("stat", help="daemon statistics: tiers, namespaces, uptime, cluster, rebalancing")
+
+    ns = sub.add_parser("ns", help="namespaces: list them, show or set their replication")
+    ns_actions = ns.add_subparsers(dest="ns_command", required=True, metavar="ACTION")
+    ns_actions.add_parser("ls", help="namespaces with blocks and bytes, over the whole cluster")
+    for action, text in (("get", "replicas and write quorum of a namespace"), ("set", "set them on every node")):
+        one = ns_actions.add_parser(action, help=text)
+        one.add_argument("--tenant", default=argparse.SUPPRESS, help="tenant (default: the global --tenant)")
+        one.add_argument("--subtenant", default=argparse.SUPPRESS, help="subtenant (default: the global --subtenant)")
+        if action == "set":
+            one.add_argument("--replicas", type=int, required=True, help="copies of each block (0: the cluster default)")
+            one.add_argument("--write-quorum", type=int, default=0, help="replicas a write waits for (default: a majority)")
 
     add_cluster_parser(sub)
     return p
@@ -199,6 +213,20 @@ def run(args, client: SyncClient) -> int:
         stats["namespace_list"] = client.namespaces()
         emit(args, stats, format_stats(stats))
         return 0
+    if cmd == "ns":
+        if args.ns_command == "ls":
+            entries = client.namespaces()
+            emit(args, entries, "\n".join(f"{n['tenant']}/{n['subtenant']}\t{n['blocks']} blocks\t{format_size(n['bytes'])}"
+                                          for n in entries))
+            return 0
+        name = f"{client.config.tenant}/{client.config.subtenant}"
+        if args.ns_command == "set":
+            policy = client.set_replication(args.replicas, args.write_quorum)
+        else:
+            policy = client.replication()
+        emit(args, {"tenant": client.config.tenant, "subtenant": client.config.subtenant, **policy},
+             f"{name}: {policy['replicas']} replicas, write quorum {policy['write_quorum']}")
+        return 0
     raise AssertionError(cmd)
 
 
@@ -218,6 +246,18 @@ def format_stats(stats: dict) -> str:
         lines.append(f"transfer  zero-copy over UCX (tls {plane['ucx_tls'] or 'UCX default'}), {plane['clients']} clients")
     else:
         lines.append("transfer  inline only (no zero-copy data plane)")
+    cluster = stats.get("cluster")
+    if cluster:
+        lines.append(f"cluster   {cluster['nodes']} nodes ({cluster['membership']}), map epoch {cluster['epoch']}")
+    r = stats.get("rebalance")
+    if r:
+        line = f"rebalance {r['state']}"
+        if r["keys_total"] or r["keys_copied"]:
+            line += (f": {r['keys_scanned']}/{r['keys_total']} blocks scanned, {r['keys_copied']} copied"
+                     f" ({format_size(r['bytes_copied'])}), {r['keys_dropped']} handed off")
+        if r["errors"]:
+            line += f"; {r['errors']} errors, last: {r['last_error']}"
+        lines.append(line)
     lines.append(f"namespaces {stats['namespaces']}")
     for ns in stats.get("namespace_list", []):
         lines.append(f"  {ns['tenant']}/{ns['subtenant']}\t{ns['blocks']} blocks\t{format_size(ns['bytes'])}")

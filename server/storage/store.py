@@ -362,10 +362,16 @@ class BlockStore:
         except BaseException:
             self._release(slots, [record.length for _, (_, record) in hits])
             raise
+        raced = self._deletes != deletes_before
         for slot, (i, (_, record)) in zip(slots, hits):
             key = keys[i]
             entry = None
-            if self._deletes == deletes_before:
+            if raced:
+                # Some delete ran while we read (of this key or any other): the
+                # index says whether what we read is still this key's block.
+                current = self.disk.lookup(key)
+                still = current is not None and current.seq == record.seq
+            if not raced or still:
                 entry = self.memory.publish(key, slot, record.length, record.checksum, record.seq, dirty=False)
             else:
                 self.memory.release(slot, record.length)

@@ -75,9 +75,22 @@ class Workload:
                 self.reads += len(sample)
                 for key, want, have in zip(sample, expected, got):
                     if have != want:
-                        self.failures.append(f"{key!r}: {'missing' if have is None else 'wrong bytes'}")
+                        self.failures.append(f"{key!r}: {'missing' if have is None else 'wrong bytes'} (held by {self.holders(key)})")
         finally:
             kv.close()
+
+    def holders(self, key: bytes) -> list[str]:
+        """Which daemons hold ``key`` right now, asked one by one (for failure messages)."""
+        from tests.fault.test_rebalance import node_keys
+
+        found = []
+        for node in self.cluster.ids:
+            try:
+                if key in node_keys(f"127.0.0.1:{self.cluster.ports[node]}", self.tenant):
+                    found.append(node)
+            except Exception:
+                found.append(f"{node}?")
+        return found
 
     def __enter__(self) -> "Workload":
         for t in self.threads:
