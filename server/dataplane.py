@@ -42,6 +42,7 @@ RKEYS_PER_CLIENT = 64  # unpacked remote keys cached per client (one per registe
 SHARED_PER_CLIENT = 64  # shared-memory regions mapped per client
 COPY_THREADS = 4  # concurrent shared-memory copies (each may use 2 threads when large)
 PARALLEL_COPY_BYTES = 8 << 20  # a batch this large is copied by 2 threads
+INLINE_COPY_BYTES = 4 << 20  # a batch this small is copied on the event loop (<~0.3 ms): quicker than a thread hop
 
 
 @dataclass
@@ -225,13 +226,16 @@ class DataPlane:
             return []
         if destination is None or source is None:
             raise errors.UnavailableError("the client's shared memory was released", code="TRANSFER_FAILED")
-        threads = 2 if sum(sizes) >= PARALLEL_COPY_BYTES else 1
+        total = sum(sizes)
+        threads = 2 if total >= PARALLEL_COPY_BYTES else 1
+
+        def copy() -> list[int]:
+            return self._native.copy_blocks(destination, destination_offsets, source, source_offsets, sizes, threads=threads)
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._copies, lambda: self._native.copy_blocks(
-                    destination, destination_offsets, source, source_offsets, sizes, threads=threads
-                ),
-            )
+            if total <= INLINE_COPY_BYTES:
+                return copy()
+            return await asyncio.get_running_loop().run_in_executor(self._copies, copy)
         except errors.InvalidArgumentError as exc:
             if exc.index < 0:  # the mapping itself is gone (the session was dropped meanwhile)
                 raise errors.UnavailableError(
