@@ -29,6 +29,13 @@ class Arena:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._map = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            # Huge pages where the kernel allows them: the copies in and out of
+            # the arena stream through it (~5% faster here), and it is all
+            # faulted in anyway (prefault).
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
         self.buffer = memoryview(self._map)
         self.allocator = ExtentAllocator(capacity)
         self._prefault_stop = threading.Event()
