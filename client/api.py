@@ -25,7 +25,7 @@ from kvstore.checksum import checksum
 from kvstore.client import replicas
 from kvstore.client.batching import by_count, by_count_and_bytes
 from kvstore.client.config import ClientConfig, Deadline, RetryPolicy
-from kvstore.client.regions import MemoryRegion, StagingPool, allocate_region
+from kvstore.client.regions import MemoryRegion, StagingPool, allocate_region, shared_memory_allowed
 from kvstore.client.router import ClusterView, DownNodes
 from kvstore.client.transport import Connection, translate
 from kvstore.extents import ExtentAllocator
@@ -258,9 +258,10 @@ class Client:
         """``nbytes`` of memory owned by the SDK, for put_from/get_into: fill and read
         it through ``region.buffer``. A daemon on this host maps it and copies each
         block with one memcpy (no RMA, checksums computed as it copies); other
-        daemons reach it by RMA like a registered buffer. Close it (or use
+        daemons reach it by RMA like a registered buffer, and so does every
+        daemon when ``ucx_tls`` leaves shared memory out. Close it (or use
         ``with``) when done."""
-        return allocate_region(nbytes, self.register)
+        return allocate_region(nbytes, self.register, share=shared_memory_allowed(self.config.ucx_tls))
 
     def _connection(self, endpoint: str) -> Connection:
         conn = self._connections.get(endpoint)

@@ -148,15 +148,15 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-def allocate_region(nbytes: int, register) -> MemoryRegion:
+def allocate_region(nbytes: int, register, *, share: bool = True) -> MemoryRegion:
     """``nbytes`` of memory owned by the SDK, registered with ``register`` (the
-    client's ``register``): shared memory where the platform has it, so that a
-    daemon on this host can map it, else anonymous memory."""
+    client's ``register``): with ``share``, shared memory where the platform
+    has it, so that a daemon on this host can map it; else anonymous memory."""
     from kvstore._native import shared_memory
 
     if not isinstance(nbytes, int) or nbytes <= 0:
         raise errors.InvalidArgumentError(f"allocate() needs a positive number of bytes, not {nbytes!r}")
-    shared = shared_memory.SharedMemory.create(nbytes) if shared_memory.supported() else None
+    shared = shared_memory.SharedMemory.create(nbytes) if share and shared_memory.supported() else None
     try:
         region = register(shared.buffer if shared is not None else anonymous_buffer(nbytes))
     except BaseException:
@@ -167,3 +167,19 @@ def allocate_region(nbytes: int, register) -> MemoryRegion:
     region.daemon_checksums = shared is not None
     return region
 
+
+# UCX transport names that mean shared memory between processes.
+_SHARED_MEMORY_TLS = {"all", "shm", "sm", "cma", "posix", "sysv", "knem", "xpmem"}
+
+
+def shared_memory_allowed(ucx_tls: str | None) -> bool:
+    """Whether a client configured with ``ucx_tls`` may share memory with a
+    daemon: yes unless its transport list leaves shared memory out (e.g. "tcp",
+    or "^shm")."""
+    if not ucx_tls:
+        return True
+    names = [name.strip().lower() for name in ucx_tls.split(",") if name.strip()]
+    if names and names[0].startswith("^"):
+        excluded = {names[0][1:], *names[1:]}
+        return not ({"shm", "sm"} & excluded)
+    return any(name in _SHARED_MEMORY_TLS for name in names)

@@ -64,7 +64,7 @@ class ClientSession:
 
     def unmap(self) -> None:
         for mapping in self.shared.values():
-            if mapping is not None:
+            if mapping is not None and not isinstance(mapping, asyncio.Future):
                 mapping.close()
         self.shared.clear()
         if self.pidfd >= 0:
@@ -155,39 +155,60 @@ class DataPlane:
             oldest.close()
         return rkey
 
-    def shared_region(self, session: ClientSession, region):
+    async def shared_region(self, session: ClientSession, region):
         """The client's shared memory behind a request's ``RemoteRegion``, mapped
-        here (once per region), or None when the region is not shared memory or
-        this daemon cannot map it (then RMA moves its bytes)."""
+        here (once per region, off the event loop: mapping populates its page
+        tables), or None when the region is not shared memory or this daemon
+        cannot map it (then RMA moves its bytes)."""
         if not region.HasField("shared_memory"):
             return None
         shm = region.shared_memory
         cache_key = (region.region_id, shm.token)
-        if cache_key in session.shared:
+        cached = session.shared.get(cache_key)
+        if cached is not None or cache_key in session.shared:
             session.shared.move_to_end(cache_key)
-            return session.shared[cache_key]
+            if isinstance(cached, asyncio.Future):  # another request of this client is mapping it
+                return await asyncio.shield(cached)
+            return cached
         from kvstore._native.shared_memory import SharedMemory, SharedMemoryUnavailable
 
+        loop = asyncio.get_running_loop()
+        pending = session.shared[cache_key] = loop.create_future()
         self._sweep(session)
+
+        def attach():
+            try:
+                return SharedMemory.attach(shm.pid, shm.fd, shm.token, shm.length)
+            except SharedMemoryUnavailable as exc:
+                log.info("client %s: region %d is read by RMA: %s", session.client_id, region.region_id, exc.message)
+                return None
+
         try:
-            mapping = SharedMemory.attach(shm.pid, shm.fd, shm.token, shm.length)
-        except SharedMemoryUnavailable as exc:
-            log.info("client %s: region %d is read by RMA: %s", session.client_id, region.region_id, exc.message)
-            mapping = None
+            mapping = await loop.run_in_executor(self._copies, attach)
+            if session.shared.get(cache_key) is not pending:  # the session was dropped meanwhile
+                if mapping is not None:
+                    mapping.close()
+                raise errors.UnavailableError("the client's session ended", code="TRANSFER_FAILED")
+        except BaseException:
+            if session.shared.get(cache_key) is pending:
+                del session.shared[cache_key]
+            pending.cancel()  # requests waiting for it fail too; the next one maps again
+            raise
         if mapping is not None:
             mapping.address = shm.address
             self._watch(session, shm.pid)
         session.shared[cache_key] = mapping
+        pending.set_result(mapping)
         while len(session.shared) > SHARED_PER_CLIENT:
             _, oldest = session.shared.popitem(last=False)
-            if oldest is not None:
+            if oldest is not None and not isinstance(oldest, asyncio.Future):
                 oldest.close()
         return mapping
 
     def _sweep(self, session: ClientSession) -> None:
         """Unmap the regions the client has closed (their fd no longer holds them)."""
         for cache_key, mapping in list(session.shared.items()):
-            if mapping is not None and not mapping.still_held():
+            if mapping is not None and not isinstance(mapping, asyncio.Future) and not mapping.still_held():
                 del session.shared[cache_key]
                 mapping.close()
 

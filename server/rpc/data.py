@@ -87,7 +87,7 @@ class DataService:
             blocks, addresses = self._remote_blocks(ns, request)
             session = self.dataplane.session(request.client_id)
             region = request.region
-            shared = self.dataplane.shared_region(session, region)
+            shared = await self.dataplane.shared_region(session, region)
             if shared is not None:
 
                 async def transfer(arena_offsets, sizes, indices):
@@ -211,7 +211,7 @@ class DataService:
             )
         session = self.dataplane.session(request.client_id)
         slots = request.slots
-        shared = self.dataplane.shared_region(session, request.region)
+        shared = await self.dataplane.shared_region(session, request.region)
         if shared is not None:
 
             async def transfer(arena_offsets, lengths, indices):

@@ -170,3 +170,41 @@ async def test_a_corrupt_arena_block_is_never_returned(fresh_daemon, tenant):
             # The arena copy is dropped; the next read comes from disk, intact.
             assert await kv.get_into([b"c"], region, [0], [1 << 20]) == [1 << 20]
             assert bytes(region.buffer) == data.tobytes()
+
+
+async def test_a_client_restricted_to_tcp_shares_nothing(daemon_pid_address, tenant):
+    pid, address = daemon_pid_address
+    async with Client(address, tenant=tenant, transport="ucx", ucx_tls="tcp") as kv:
+        with kv.allocate(1 << 20) as region:
+            assert region.shared is None and region.zero_copy  # registered memory, read by RMA over TCP
+            region.buffer[:4] = b"tcp!"
+            await kv.put_from([b"t"], region, [0], [4])
+            assert await kv.get_into([b"t"], region, [10], [4]) == [4]
+            assert bytes(region.buffer[10:14]) == b"tcp!"
+        assert kv._staging.region.shared is None
+
+
+def test_which_transport_lists_allow_shared_memory():
+    from kvstore.client.regions import shared_memory_allowed
+
+    for tls in (None, "", "all", "shm,tcp", "cma,tcp", "^tcp"):
+        assert shared_memory_allowed(tls), tls
+    for tls in ("tcp", "TCP", "rc,tcp", "^shm", "^sm,tcp"):
+        assert not shared_memory_allowed(tls), tls
+
+
+async def test_concurrent_first_uses_map_a_region_once(daemon_pid_address, tenant):
+    import asyncio
+
+    pid, address = daemon_pid_address
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(8 << 20) as region:
+            data = fill(region, 5)
+            await asyncio.gather(
+                *(kv.put_from([b"c%d" % i], region, [i << 20], [1 << 20]) for i in range(8))
+            )
+            with open(f"/proc/{pid}/maps") as maps:
+                assert sum(region.shared.token in line for line in maps) == 1
+            got = await asyncio.gather(*(kv.get([b"c%d" % i][0]) for i in range(8)))
+            assert got == [data[i << 20 : (i + 1) << 20].tobytes() for i in range(8)]
+            del data
