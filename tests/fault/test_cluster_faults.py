@@ -114,6 +114,10 @@ def kill_loop(local_cluster, tenant: str, cycles: int, interval: float) -> None:
             time.sleep(interval)
             victim.start()
             time.sleep(interval)
+    print(
+        f"{cycles} kill -9 cycles: {len(load.acked)} blocks acknowledged, {load.reads} reads verified, "
+        f"{load.put_errors} batches not acknowledged, {len(load.failures)} failures"
+    )
     assert not load.failures, load.failures[:10]
     assert len(load.acked) >= 8 * cycles, "the workload acknowledged too little to prove anything"
     assert load.reads > 0
