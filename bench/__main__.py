@@ -1,5 +1,5 @@
 """``python -m bench``: kvstore's put/get next to memcpy, loopback TCP and peer stores;
-``python -m bench storage``: layouts on disk."""
+``python -m bench storage``: layouts on disk; ``python -m bench cluster``: 1, 2 and 3 daemons, R=2."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import plot, report, ring, storage, suite
+from bench import cluster, plot, report, ring, storage, suite
 from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, Daemon
 from bench.measure import BenchError
 from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {','.join(DEFAULT_PEERS)}); one not installed is skipped with a note (bench/peers/README.md)",
     )
 
-    sub = p.add_subparsers(dest="command", metavar="{storage,ring}")
+    sub = p.add_subparsers(dest="command", metavar="{storage,ring,cluster}")
     s = sub.add_parser(
         "storage",
         help="storage layout micro-benchmark (RocksDB blobs vs segment files vs a plain file)",
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default=argparse.SUPPRESS, help=f"markdown file to write (default {_shown(report.DEFAULT_STORAGE_OUTPUT)})")
     s.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="draw no progress bar")
     sub.add_parser("ring", help="placement ring balance and movement figures (python -m bench.ring takes options)")
+    sub.add_parser("cluster", help="aggregate GB/s of 1, 2 and 3 daemons and R=2 against R=1 (python -m bench cluster --help)")
     return p
 
 
@@ -303,6 +304,9 @@ def run_storage(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:  # options of its own, parsed by bench.cluster
+        return cluster.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
