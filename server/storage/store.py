@@ -182,6 +182,7 @@ class BlockStore:
             self.disk.commit(writes, sync=sync)
 
     def _publish(self, blocks, slots, seqs, persisted, deletes_before: int) -> None:
+        dirty: list[Resident] = []
         for block, slot, seq, on_disk in zip(blocks, slots, seqs, persisted):
             if slot is None:
                 self.memory.remove(block.key)  # an older resident copy is stale now
@@ -193,7 +194,9 @@ class BlockStore:
                 continue
             entry = self.memory.publish(block.key, slot, block.length, block.checksum, seq, dirty=not on_disk)
             if entry is not None and entry.dirty:
-                self._start_writeback(entry)
+                dirty.append(entry)
+        if dirty:
+            self._start_writeback(dirty)
 
     def _release(self, slots, sizes) -> None:
         for slot, size in zip(slots, sizes):
@@ -250,30 +253,41 @@ class BlockStore:
         ]
         self.disk.commit(writes, sync=sync)
 
-    def _start_writeback(self, entry: Resident) -> None:
+    def _start_writeback(self, entries: list[Resident]) -> None:
+        """Write a put's dirty blocks back together: one task, one executor call and one
+        index commit per batch (per block, the loop's overhead cost more than the copy)."""
         loop = asyncio.get_running_loop()
-        entry.writeback = loop.create_future()
-        task = loop.create_task(self._writeback(entry))
+        done = loop.create_future()
+        for entry in entries:
+            entry.writeback = done
+        task = loop.create_task(self._writeback(entries, done))
         self._writebacks.add(task)
         task.add_done_callback(self._writebacks.discard)
 
-    async def _writeback(self, entry: Resident) -> None:
-        self.memory.pin(entry)
+    async def _writeback(self, entries: list[Resident], done: asyncio.Future) -> None:
+        for entry in entries:
+            self.memory.pin(entry)
         try:
-            view = self.memory.arena.view(entry.offset, entry.length)
+            views = [self.memory.arena.view(entry.offset, entry.length) for entry in entries]
 
             def write_back() -> None:
-                if entry.retired:  # overwritten or deleted while queued: nothing to keep
-                    return
-                self.disk.write([(entry.key, view, entry.length, entry.checksum, entry.seq)], sync=False)
+                items = [
+                    (entry.key, view, entry.length, entry.checksum, entry.seq)
+                    for entry, view in zip(entries, views)
+                    if not entry.retired  # overwritten or deleted while queued: nothing to keep
+                ]
+                if items:
+                    self.disk.write(items, sync=False)
 
             await asyncio.get_running_loop().run_in_executor(self._writeback_pool, write_back)
-            self.memory.mark_clean(entry)
+            for entry in entries:
+                self.memory.mark_clean(entry)
         except Exception:
-            log.exception("write-back of a memory-durability block failed; it stays dirty in memory")
+            log.exception("write-back of memory-durability blocks failed; they stay dirty in memory")
         finally:
-            self.memory.unpin(entry)
-            entry.writeback.set_result(None)
+            for entry in entries:
+                self.memory.unpin(entry)
+            done.set_result(None)
             self._space_freed()
 
     # -- get ---------------------------------------------------------------
