@@ -95,3 +95,45 @@ def test_a_lost_replica_is_repaired_on_read(local_cluster, tenant):
         assert kv._client.repaired == len(lost)
     finally:
         kv.close()
+
+
+def get_on(address: str, tenant: str, key: bytes) -> bytes | None:
+    """One daemon's own copy of a block, inline (None when it has none)."""
+
+    async def go():
+        conn = Connection(address)
+        try:
+            request = data_pb2.GetRequest(namespace=data_pb2.Namespace(tenant=tenant, subtenant="default"), keys=[key])
+            (result,) = (await conn.data.Get(request, timeout=10)).results
+            return result.value if result.found else None
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def test_a_corrupt_replica_is_dropped_and_repaired_on_read(local_cluster, tenant):
+    from tests.fault.test_corruption import flip, locate
+
+    cluster = local_cluster(3, "--replicas", "2")
+    key = b"precious"
+    value = b"<<precious>>" + os.urandom(50_000)
+    kv = SyncClient(cluster.endpoints, tenant=tenant)
+    try:
+        kv.put(key, value)
+        victim = Ring(cluster.ids).primary(tenant, "default", key)
+        address = f"127.0.0.1:{cluster.ports[victim]}"
+        cluster[victim].kill9()  # so no clean copy stays in its memory tier
+        path, offset = locate(cluster[victim].data_dir, value)
+        flip(path, offset + 1000)
+        cluster[victim].start()
+        # The client reads the good replica; the victim's copy fails its checksum there, is dropped, and is rewritten.
+        assert kv.get(key) == value
+        for _ in range(50):
+            if get_on(address, tenant, key) == value:
+                break
+            kv._run(asyncio.sleep(0.1))
+        assert get_on(address, tenant, key) == value
+        assert {s["node_id"]: s["corrupt_blocks"] for s in kv.cluster_stats()}[victim] == 1
+    finally:
+        kv.close()
