@@ -66,6 +66,10 @@ class SyncClient:
     def register_ptr(self, address: int, length: int):
         return self._client.register_ptr(address, length)
 
+    def allocate(self, nbytes: int):
+        """SDK-owned memory a co-located daemon maps (one memcpy per block); see Client.allocate."""
+        return self._client.allocate(nbytes)
+
     def put_from(self, keys, region, offsets, sizes, durability: str | None = None, **options) -> int:
         return self._run(self._client.put_from(keys, region, offsets, sizes, durability, **options))
 
