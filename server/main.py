@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with runner:
             runner.run(serve(config))
+        # Drained and stopped: closing the loop restored the default handlers, so a
+        # second SIGTERM during interpreter teardown would turn a clean exit into -15.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     except KVStoreError as exc:
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -317,3 +320,31 @@ def test_start_log_line_names_address_data_dir_and_memory(daemon_process, tmp_pa
     assert str(data_dir.resolve()) in line, line
     assert re.search(r"memory=96(\.0)? ?MiB\b", line), line
     assert proc.terminate() == 0
+
+
+def test_a_second_sigterm_after_the_drain_still_exits_0(tmp_path):
+    """Kubernetes or a shell may signal twice; a daemon that already drained must still exit cleanly."""
+    codes = []
+    for i in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstore.server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / f"d{i}")],
+            stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            for line in proc.stderr:
+                if "listening on" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            for line in proc.stderr:
+                if "stopped" in line:
+                    break
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            codes.append(proc.wait(30))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert codes == [0, 0, 0]
