@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ from typing import Any
 from bench import report
 from bench.measure import GB, BenchError
 from bench.peers import ServerProcess
+from bench.workers import collect_replies
+from kvstore.client.localcluster import free_ports
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cluster.md"
 CONFIGS = ((1, 1), (2, 1), (3, 1), (3, 2))  # (daemons, replicas)
@@ -76,20 +77,6 @@ NOTE = (
 
 
 # -- the daemons -----------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports free right now (all bound at once, so they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _env() -> dict:
@@ -414,21 +401,7 @@ class Clients:
         if send:
             for conn in self.conns:
                 conn.send((command, arg))
-        replies, errors = [], []
-        for i, (conn, proc) in enumerate(zip(self.conns, self.procs)):
-            deadline = time.monotonic() + timeout
-            while not conn.poll(0.2):
-                if not proc.is_alive():
-                    raise BenchError(f"client process {i} died (exit status {proc.exitcode}) during {command}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"client process {i} did not answer {command} within {timeout:.0f} s")
-            try:
-                status, reply = conn.recv()
-            except EOFError:
-                raise BenchError(f"client process {i} died (exit status {proc.exitcode}) during {command}") from None
-            if status == "error":
-                errors.append(f"client {i}: {reply}")
-            replies.append(reply)
+        replies, errors = collect_replies(self.conns, self.procs, range(len(self.conns)), command, timeout)
         if errors:
             self.barrier.reset()  # an aborted barrier must be usable again
             raise BenchError(f"{command} failed:\n" + "\n".join(errors))

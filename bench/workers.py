@@ -451,6 +451,29 @@ def _worker_main(index: int, conn, barriers: dict) -> None:  # pragma: no cover 
             pass
 
 
+def collect_replies(conns, procs, workers, what: str, timeout: float = 1800) -> tuple[list, list[str]]:
+    """One ("ok" | "error", reply) from each client process of ``workers``, waiting
+    for each; BenchError if one dies or stays silent. Returns the replies and the
+    error messages of those that failed."""
+    replies, errors = [], []
+    for i in workers:
+        conn, proc = conns[i], procs[i]
+        deadline = time.monotonic() + timeout
+        while not conn.poll(0.2):
+            if not proc.is_alive():
+                raise BenchError(f"client process {i} died (exit status {proc.exitcode}) during {what}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"client process {i} did not answer {what} within {timeout:.0f} s")
+        try:
+            status, reply = conn.recv()
+        except EOFError:
+            raise BenchError(f"client process {i} died (exit status {proc.exitcode}) during {what}") from None
+        if status == "error":
+            errors.append(f"client {i}: {reply}")
+        replies.append(reply)
+    return replies, errors
+
+
 class WorkerPool:
     """``processes`` spawned client processes; ``levels`` are the concurrencies cases will use."""
 
@@ -471,22 +494,7 @@ class WorkerPool:
 
     # -- plumbing --------------------------------------------------------
     def _collect(self, workers, what: str, timeout: float = 1800) -> list:
-        replies, errors = [], []
-        for i in workers:
-            conn, proc = self._conns[i], self._procs[i]
-            deadline = time.monotonic() + timeout
-            while not conn.poll(0.2):
-                if not proc.is_alive():
-                    raise BenchError(f"client process {i} died (exit status {proc.exitcode}) during {what}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"client process {i} did not answer {what} within {timeout:.0f} s")
-            try:
-                status, reply = conn.recv()
-            except EOFError:
-                raise BenchError(f"client process {i} died (exit status {proc.exitcode}) during {what}") from None
-            if status == "error":
-                errors.append(f"client {i}: {reply}")
-            replies.append(reply)
+        replies, errors = collect_replies(self._conns, self._procs, workers, what, timeout)
         if errors:
             for barrier in self._barriers.values():
                 barrier.reset()  # an aborted barrier must be usable again by the next case

@@ -301,7 +301,7 @@ class Client:
 
     async def _refresh_map(self) -> None:
         view = self._view
-        nodes, _ = self._down.prefer_up(list(view.nodes), len(view.nodes))
+        nodes = self._down.prefer_up(list(view.nodes))
         for node in nodes:
             try:
                 fresh = await self._node_call(
@@ -388,7 +388,7 @@ class Client:
         for attempt in range(1, call.retry.attempts + 1):
             if attempt > 1 and not await call.backoff(attempt):
                 break
-            nodes, _ = self._down.prefer_up(list(self._view.nodes), len(self._view.nodes))
+            nodes = self._down.prefer_up(list(self._view.nodes))
             for node in nodes:
                 try:
                     return await self._node_call(node, service, method, request, call.attempt_timeout())
@@ -400,29 +400,40 @@ class Client:
         assert last is not None
         raise last
 
-    async def _broadcast(self, service: str, method: str, request, *, tolerate: bool = True) -> list:
-        """The same RPC to every node of the map (and those blocks may still be moving from)."""
-        await self.connect()
-        view = self._view
-        nodes = list(dict.fromkeys(list(view.nodes) + [n.node_id for n in view.map.previous_nodes]))
-        timeout = self._call_context(None, None).attempt_timeout()
+    async def _on_every_node(self, work, nodes: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+        """``work(node)`` on every node at once (by default the members and the
+        previous members blocks may still be on): (node, its result or the
+        KVStoreError it raised) each."""
+        nodes = self._view.all_nodes if nodes is None else list(nodes)
 
-        async def one(node):
+        async def one(node: str):
             try:
-                return await self._node_call(node, service, method, request, timeout)
+                return await work(node)
             except errors.KVStoreError as exc:
                 return exc
 
-        results = await asyncio.gather(*(one(n) for n in nodes))
-        failures = [r for r in results if isinstance(r, errors.KVStoreError)]
+        return list(zip(nodes, await asyncio.gather(*(one(n) for n in nodes))))
+
+    @staticmethod
+    def _answers(outcomes: list[tuple[str, Any]], what: str, *, tolerate: bool = True) -> list:
+        """The results of the nodes that answered; raise when none did, when an
+        error was not retryable, or (without ``tolerate``) on any failure."""
+        failures = [r for _, r in outcomes if isinstance(r, errors.KVStoreError)]
         for failure in failures:
             if not failure.retryable or not tolerate:
                 raise failure
-        if failures and len(failures) == len(results):
+        if failures and len(failures) == len(outcomes):
             raise failures[0]
         if failures:
-            log.warning("%s.%s: %d of %d nodes did not answer", service, method, len(failures), len(results))
-        return [r for r in results if not isinstance(r, errors.KVStoreError)]
+            log.warning("%s: %d of %d nodes did not answer", what, len(failures), len(outcomes))
+        return [r for _, r in outcomes if not isinstance(r, errors.KVStoreError)]
+
+    async def _broadcast(self, service: str, method: str, request, *, tolerate: bool = True) -> list:
+        """The same RPC to every node of the map (and those blocks may still be moving from)."""
+        await self.connect()
+        timeout = self._call_context(None, None).attempt_timeout()
+        outcomes = await self._on_every_node(lambda node: self._node_call(node, service, method, request, timeout))
+        return self._answers(outcomes, f"{service}.{method}", tolerate=tolerate)
 
     def _call_context(self, deadline: Deadline | float | None, retry: RetryPolicy | None) -> replicas.Call:
         return replicas.Call(
@@ -687,21 +698,14 @@ class Client:
         existed: set[bytes] = set()
         for _, chunk in by_count(keys, self.config.max_batch_keys):
             view = self._view
-            nodes = list(dict.fromkeys(list(view.nodes) + [n.node_id for n in view.map.previous_nodes]))
             request = data_pb2.KeysRequest(namespace=self.namespace, keys=chunk)
             timeout = self._call_context(None, None).attempt_timeout()
-
-            async def one(node):
-                try:
-                    return await self._node_call(node, "data", "Delete", request, timeout)
-                except errors.KVStoreError as exc:
-                    return exc
-
             owners: set[str] = set()
             for key in chunk:
                 order, count = view.write_order(self.config.tenant, self.config.subtenant, key)
                 owners.update(order[:count])
-            for node, result in zip(nodes, await asyncio.gather(*(one(n) for n in nodes))):
+            outcomes = await self._on_every_node(lambda node: self._node_call(node, "data", "Delete", request, timeout))
+            for node, result in outcomes:
                 if isinstance(result, errors.KVStoreError):
                     if not result.retryable or node in owners:
                         raise result
@@ -962,34 +966,24 @@ class Client:
         if not isinstance(prefix, bytes):
             raise errors.InvalidArgumentError("prefix must be bytes")
         await self.connect()
-        view = self._view
-        nodes = list(dict.fromkeys(list(view.nodes) + [n.node_id for n in view.map.previous_nodes]))
         timeout = self._call_context(None, None).attempt_timeout()
 
-        async def pages(node: str) -> list[tuple[bytes, int]] | errors.KVStoreError:
+        async def pages(node: str) -> list[tuple[bytes, int]]:
             out: list[tuple[bytes, int]] = []
             after = b""
-            try:
-                while limit is None or len(out) < limit:
-                    page = 1000 if limit is None else min(1000, limit - len(out))
-                    request = data_pb2.ListRequest(namespace=self.namespace, prefix=prefix, start_after=after, limit=page)
-                    response = await self._node_call(node, "data", "List", request, timeout)
-                    out.extend((e.key, e.length) for e in response.entries)
-                    if not response.truncated or not response.entries:
-                        break
-                    after = response.entries[-1].key
-            except errors.KVStoreError as exc:
-                return exc
+            while limit is None or len(out) < limit:
+                page = 1000 if limit is None else min(1000, limit - len(out))
+                request = data_pb2.ListRequest(namespace=self.namespace, prefix=prefix, start_after=after, limit=page)
+                response = await self._node_call(node, "data", "List", request, timeout)
+                out.extend((e.key, e.length) for e in response.entries)
+                if not response.truncated or not response.entries:
+                    break
+                after = response.entries[-1].key
             return out
 
         merged: dict[bytes, int] = {}
-        answers = await asyncio.gather(*(pages(n) for n in nodes))
-        failures = [a for a in answers if isinstance(a, errors.KVStoreError)]
-        if failures and (len(failures) == len(answers) or any(not f.retryable for f in failures)):
-            raise failures[0]
-        for answer in answers:
-            if not isinstance(answer, errors.KVStoreError):
-                merged.update(answer)
+        for answer in self._answers(await self._on_every_node(pages), "data.List"):
+            merged.update(answer)
         entries = sorted(merged.items())
         return entries if limit is None else entries[:limit]
 
@@ -1018,14 +1012,15 @@ class Client:
         view = self._view
         timeout = min(2.0, self.config.attempt_timeout)
 
-        async def one(node: str) -> dict:
-            try:
-                stats = _server_stats(await self._node_call(node, "admin", "ServerStats", admin_pb2.ServerStatsRequest(), timeout))
-            except errors.KVStoreError as exc:
-                return {"node_id": node, "address": view.addresses[node], "up": False, "error": exc.message}
-            return {**stats, "up": True}
+        async def stats(node: str) -> dict:
+            return _server_stats(await self._node_call(node, "admin", "ServerStats", admin_pb2.ServerStatsRequest(), timeout))
 
-        return list(await asyncio.gather(*(one(n) for n in view.nodes)))
+        return [
+            {"node_id": node, "address": view.addresses[node], "up": False, "error": result.message}
+            if isinstance(result, errors.KVStoreError)
+            else {**result, "up": True}
+            for node, result in await self._on_every_node(stats, view.nodes)
+        ]
 
     async def set_replication(self, replicas: int, write_quorum: int = 0) -> dict:
         """Replicas and write quorum of this client's namespace on every node

@@ -109,7 +109,7 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
             want = replicas - len(stored[i])
             if want <= 0:
                 continue
-            ordered, _ = call.down.prefer_up(order, replicas)
+            ordered = call.down.prefer_up(order)
             for node in [n for n in ordered if n not in tried[i]][:want]:
                 batches[node].append(i)
                 tried[i].add(node)
@@ -164,7 +164,7 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
     # First round: nodes known to be down yield their turn to the next nodes of
     # the ring; the key counts as not fully asked (failed) until a retry round,
     # which asks in plain ring order, reaches them.
-    orders = [call.down.prefer_up(order, asked)[0] for order, asked, _ in plans]
+    orders = [call.down.prefer_up(order) for order, _, _ in plans]
     limits = [asked for _, asked, _ in plans]
     cursor = [0] * count
     failed = [any(call.down.is_down(n) for n in order[:asked]) for order, asked, _ in plans]

@@ -66,6 +66,11 @@ class ClusterView:
     def nodes(self) -> tuple[str, ...]:
         return self.ring.nodes
 
+    @property
+    def all_nodes(self) -> list[str]:
+        """The members, then the previous members blocks may still be on."""
+        return list(dict.fromkeys(list(self.ring.nodes) + [n.node_id for n in self.map.previous_nodes]))
+
     def replication(self, tenant: str, subtenant: str) -> Replication:
         policy = self.policies.get((tenant, subtenant), self.default)
         replicas = min(policy.replicas, max(1, len(self.ring)))
@@ -114,8 +119,8 @@ class DownNodes:
             return False
         return True
 
-    def prefer_up(self, nodes: list[str], count: int) -> tuple[list[str], int]:
+    def prefer_up(self, nodes: list[str]) -> list[str]:
         """``nodes`` with the down ones moved to the end, so that the next up
-        nodes of the ring stand in for them among the first ``count``."""
+        nodes of the ring stand in for them."""
         up = [n for n in nodes if not self.is_down(n)]
-        return up + [n for n in nodes if n not in up], count
+        return up + [n for n in nodes if n not in up]

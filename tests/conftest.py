@@ -20,6 +20,7 @@ import pytest
 # this host; the tests' daemons and clients talk over loopback only.
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
+from kvstore.client.localcluster import free_ports  # noqa: E402
 from kvstore.server.config import ServerConfig  # noqa: E402
 from kvstore.server.daemon import Daemon  # noqa: E402
 
@@ -171,11 +172,7 @@ def kvstore_cli(*args: str, input: bytes | None = None, env: dict | None = None)
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class LocalCluster:
@@ -187,7 +184,7 @@ class LocalCluster:
         self.etcd = etcd  # membership through this etcd instead of --peers
         self.extra = ("--memory", "64MiB", *extra)
         self.ids = [f"node{i + 1}" for i in range(nodes)]
-        self.ports = {node: free_port() for node in self.ids}
+        self.ports = dict(zip(self.ids, free_ports(nodes)))  # bound together, so they differ
         self.procs = {node: self._process(node) for node in self.ids}
 
     def _process(self, node: str) -> DaemonProcess:

@@ -27,6 +27,7 @@ import grpc
 
 from kvstore import errors
 from kvstore._proto.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2, data_pb2_grpc
+from kvstore.client.transport import translate  # the one gRPC -> error-tree seam
 from kvstore.namespace import Namespace
 from kvstore.server.cluster.membership import Member, MemberList
 from kvstore.server.cluster.state import ClusterState
@@ -323,9 +324,7 @@ class Rebalancer:
             theirs = dict(await call.trailing_metadata() or ()).get(EPOCH_METADATA, "")
             return response, int(theirs) if theirs.isdigit() else None
         except grpc.RpcError as exc:
-            code = exc.code()
-            cls = errors.UnavailableError if code != grpc.StatusCode.FAILED_PRECONDITION else errors.WrongNodeError
-            raise cls(f"{method}: {exc.details() or code.name}") from None
+            raise translate(exc, f"{node} ({member.address}) {method}") from None
 
     # -- resumable progress ---------------------------------------------------
 

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import socket
 import urllib.request
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from kvstore.client import SyncClient
 from kvstore.namespace import Namespace
-from tests.conftest import kvstore_cli
+from tests.conftest import free_port, kvstore_cli
 
 MAGIC = b"KVB1"
 # Record header, little endian: magic 4s | key length u16 | flags u16 | value length u64 |
@@ -30,12 +29,6 @@ MAGIC = b"KVB1"
 # A byte inside each field:
 HEADER_FIELDS = {"magic": 1, "key_length": 4, "value_length": 10, "checksum": 19, "crc": 33}
 HEADER_SIZE = 36
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def segment_files(data_dir: Path) -> list[Path]:

@@ -22,12 +22,10 @@ from __future__ import annotations
 import os
 import random
 import re
-import socket
+import time
 import uuid
 
 import grpc
-import time
-
 import pytest
 from google.protobuf.message import DecodeError
 
@@ -38,6 +36,7 @@ from kvstore.checksum import checksum
 from kvstore.client import Client, SyncClient
 from kvstore.client.transport import translate
 from kvstore.errors import InvalidArgumentError, UnavailableError
+from tests.conftest import free_port
 
 ERROR_DETAIL_KEY = "kvstore-error-bin"
 MAX_VALUE = 96 << 20  # the session `daemon` fixture's max_value_size
@@ -175,12 +174,6 @@ def small_daemon(daemon, tmp_path_factory):
 async def small_raw(small_daemon):
     async with grpc.aio.insecure_channel(small_daemon.address, options=CHANNEL_OPTIONS) as channel:
         yield Raw(channel, small_daemon.address)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- keys ----------------------------------------------------------------------
