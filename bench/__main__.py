@@ -196,6 +196,9 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             # The daemon starts first so that a bad setting fails the run at once; it idles during the limits.
             progress.stage("starting kvstore-server and client processes")
             daemon = Daemon(data_dir, memory, extra_args=("--ucx-tls", DAEMON_UCX_TLS)).start()
+            progress.stage("waiting for kvstore-server to prefault its memory tier")
+            if Admin(daemon.address).wait_resident() is None:
+                notes.append("kvstore: the daemon's memory tier was still being prefaulted when the cases began.")
             pool = WorkerPool(plan.processes, levels)
             try:
                 best = {}

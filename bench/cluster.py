@@ -202,6 +202,22 @@ class Cluster:
         os.sync()
         return time.perf_counter() - began
 
+    def wait_resident(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait until every daemon has prefaulted its memory tier (start-up work that would
+        otherwise overlap the first cases)."""
+
+        async def wait(kv):
+            began = time.perf_counter()
+            while True:
+                tiers = [n["tiers"]["memory"] for n in await kv.cluster_stats() if n.get("up", True)]
+                if all(t["resident_bytes"] >= t["capacity_bytes"] for t in tiers):
+                    return
+                if time.perf_counter() - began > timeout:
+                    raise BenchError(f"the memory tiers were not prefaulted after {timeout:.0f} s")
+                await asyncio.sleep(0.1)
+
+        self._admin(wait)
+
 
 # -- the client processes ----------------------------------------------------------
 
@@ -547,6 +563,7 @@ def run(
                 log(f"{name}: starting daemons ({report.size_label(memory)} memory tier each)")
                 cluster.start()
                 try:
+                    cluster.wait_resident()
                     _measure(cluster, pool, row, name, ops, tag=f"n{nodes}r{replicas}/{rep}", calls=calls,
                              block_size=block_size, batch=batch, log=log)
                 except Exception as exc:

@@ -110,6 +110,23 @@ class Admin:
     def drop(self) -> None:
         self._call(lambda kv: kv.drop_namespace())
 
+    def wait_resident(self, timeout: float = 300) -> float | None:
+        """Seconds until the daemon's arena is prefaulted (it is, in the background, after
+        start), or None on timeout: that first touch of the memory tier is start-up work,
+        and taking the page faults and the process's mmap lock would slow whichever cases
+        overlapped it (the limit cases included)."""
+
+        async def wait(kv):
+            began = time.perf_counter()
+            while time.perf_counter() - began < timeout:
+                memory = (await kv.server_stats())["tiers"]["memory"]
+                if memory["resident_bytes"] >= memory["capacity_bytes"]:
+                    return time.perf_counter() - began
+                await asyncio.sleep(0.1)
+            return None
+
+        return self._call(wait)
+
     def settle(self, expected: int, timeout: float = 300) -> float | None:
         """Wait for the daemon's write-back (``wait_for_disk_blocks``), then for the kernel to
         write the dirty page cache out (``sync``): one case's disk writes must not slow the next

@@ -1089,7 +1089,10 @@ def _server_stats(r: admin_pb2.ServerStatsResponse) -> dict:
         "data_dir": r.data_dir,
         "version": r.version,
         "uptime_seconds": r.uptime_seconds,
-        "tiers": {t.name: {"blocks": t.blocks, "bytes": t.bytes, "capacity_bytes": t.capacity_bytes} for t in r.tiers},
+        "tiers": {
+            t.name: {"blocks": t.blocks, "bytes": t.bytes, "capacity_bytes": t.capacity_bytes, "resident_bytes": t.resident_bytes}
+            for t in r.tiers
+        },
         "namespaces": r.namespaces,
         "corrupt_blocks": r.corrupt_blocks,
         "evictions": r.evictions,

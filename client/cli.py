@@ -239,6 +239,11 @@ def format_stats(stats: dict) -> str:
     for name, tier in stats["tiers"].items():
         lines.append(
             f"{name:<9} {tier['blocks']} blocks, {format_size(tier['bytes'])} of {format_size(tier['capacity_bytes'])}"
+            + (
+                f" (prefaulting: {format_size(tier['resident_bytes'])} resident)"
+                if name == "memory" and tier["resident_bytes"] < tier["capacity_bytes"]
+                else ""
+            )
         )
     lines.append(f"corrupt   {stats['corrupt_blocks']} blocks dropped; {stats['evictions']} evictions")
     plane = stats.get("data_plane", {})

@@ -113,7 +113,10 @@ class AdminService:
             version=__version__,
             uptime_seconds=time.monotonic() - self.started,
             tiers=[
-                pb.TierStats(name="memory", blocks=len(memory), bytes=memory.bytes, capacity_bytes=memory.capacity),
+                pb.TierStats(
+                    name="memory", blocks=len(memory), bytes=memory.bytes, capacity_bytes=memory.capacity,
+                    resident_bytes=memory.arena.resident_bytes,
+                ),
                 pb.TierStats(name="disk", blocks=disk_blocks, bytes=disk_bytes, capacity_bytes=_disk_capacity(self.store)),
             ],
             namespaces=len(self.store.disk.namespaces),

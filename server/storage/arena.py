@@ -20,7 +20,12 @@ __all__ = ["ALIGNMENT", "Arena", "ExtentAllocator"]
 log = logging.getLogger("kvstore.server.arena")
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching their bytes
-PREFAULT_CHUNK = 64 << 20
+# Each madvise call holds the process's mmap lock for its duration, and every
+# mmap, munmap (gRPC buffers, UCX endpoints, clients' shared memory) and page
+# fault of the daemon waits behind it: one huge page per call keeps each wait to
+# about a millisecond where the host hands pages out slowly (64 MiB calls made a
+# client's Hello take seconds on a fresh VM).
+PREFAULT_CHUNK = 2 << 20
 
 
 class Arena:
@@ -40,6 +45,7 @@ class Arena:
         self.allocator = ExtentAllocator(capacity)
         self._prefault_stop = threading.Event()
         self._prefaulter: threading.Thread | None = None
+        self.resident_bytes = 0  # prefaulted so far (the whole arena once prefault is done)
 
     def prefault(self) -> None:
         """Fault the arena's pages in on a background thread.
@@ -65,7 +71,9 @@ class Arena:
             length = min(PREFAULT_CHUNK, self.capacity - offset)
             if libc.madvise(ctypes.c_void_p(address + offset), ctypes.c_size_t(length), MADV_POPULATE_WRITE) != 0:
                 log.debug("arena prefault unsupported here (errno %d); pages fault in on first use", ctypes.get_errno())
+                self.resident_bytes = self.capacity  # nothing more will happen: report it done
                 return
+            self.resident_bytes = offset + length
 
     def allocate(self, nbytes: int) -> int | None:
         return self.allocator.allocate(nbytes)

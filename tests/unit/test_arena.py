@@ -94,3 +94,16 @@ def test_overwrite_while_pinned_frees_on_unpin():
     slot = tier.reserve(64)
     assert tier.publish(b"k", slot, 64, 0, 1, dirty=False) is None
     assert tier.lookup(b"k").seq == 2
+
+
+def test_prefault_reports_progress_and_keeps_bytes():
+    arena = Arena(9 << 20)  # not a multiple of the prefault chunk: the last call is short
+    try:
+        arena.view(0, 5)[:] = b"hello"  # a block written while the prefault runs keeps its bytes
+        assert arena.resident_bytes == 0
+        arena.prefault()
+        arena._prefaulter.join(timeout=30)
+        assert arena.resident_bytes == arena.capacity
+        assert bytes(arena.view(0, 5)) == b"hello"
+    finally:
+        arena.close()

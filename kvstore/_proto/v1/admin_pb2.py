@@ -27,7 +27,7 @@ from kvstore._proto.v1 import data_pb2 as kvstore_dot_v1_dot_data__pb2
 from kvstore._proto.v1 import cluster_pb2 as kvstore_dot_v1_dot_cluster__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\x1a\x15kvstore/v1/data.proto\x1a\x18kvstore/v1/cluster.proto\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"H\n\x16ListNamespacesResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.kvstore.v1.NamespaceStats\"@\n\x14\x44ropNamespaceRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\"6\n\x15\x44ropNamespaceResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"P\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\"\x14\n\x12ServerStatsRequest\"\xb6\x03\n\x13ServerStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12$\n\x05tiers\x18\x06 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x12\n\nnamespaces\x18\x07 \x01(\r\x12\x16\n\x0e\x63orrupt_blocks\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x12\n\ndata_plane\x18\x0b \x01(\x08\x12\x0f\n\x07ucx_tls\x18\x0c \x01(\t\x12\x1a\n\x12\x64\x61ta_plane_clients\x18\r \x01(\r\x12\x18\n\x10\x61rena_used_bytes\x18\x0e \x01(\x04\x12\x15\n\rcluster_epoch\x18\x0f \x01(\x04\x12\x15\n\rcluster_nodes\x18\x10 \x01(\r\x12\x12\n\nmembership\x18\x11 \x01(\t\x12.\n\trebalance\x18\x12 \x01(\x0b\x32\x1b.kvstore.v1.RebalanceStatus\"\xbe\x01\n\x0fRebalanceStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x14\n\x0ckeys_scanned\x18\x03 \x01(\x04\x12\x12\n\nkeys_total\x18\x04 \x01(\x04\x12\x13\n\x0bkeys_copied\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_copied\x18\x06 \x01(\x04\x12\x14\n\x0ckeys_dropped\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\x12\x12\n\nlast_error\x18\t \x01(\t\"H\n\x19SetNamespacePolicyRequest\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.kvstore.v1.NamespacePolicy\"E\n\x19GetNamespacePolicyRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace2\xba\x03\n\x05\x41\x64min\x12W\n\x0eListNamespaces\x12!.kvstore.v1.ListNamespacesRequest\x1a\".kvstore.v1.ListNamespacesResponse\x12T\n\rDropNamespace\x12 .kvstore.v1.DropNamespaceRequest\x1a!.kvstore.v1.DropNamespaceResponse\x12N\n\x0bServerStats\x12\x1e.kvstore.v1.ServerStatsRequest\x1a\x1f.kvstore.v1.ServerStatsResponse\x12X\n\x12SetNamespacePolicy\x12%.kvstore.v1.SetNamespacePolicyRequest\x1a\x1b.kvstore.v1.NamespacePolicy\x12X\n\x12GetNamespacePolicy\x12%.kvstore.v1.GetNamespacePolicyRequest\x1a\x1b.kvstore.v1.NamespacePolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\x1a\x15kvstore/v1/data.proto\x1a\x18kvstore/v1/cluster.proto\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"H\n\x16ListNamespacesResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.kvstore.v1.NamespaceStats\"@\n\x14\x44ropNamespaceRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\"6\n\x15\x44ropNamespaceResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"h\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\"\x14\n\x12ServerStatsRequest\"\xb6\x03\n\x13ServerStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12$\n\x05tiers\x18\x06 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x12\n\nnamespaces\x18\x07 \x01(\r\x12\x16\n\x0e\x63orrupt_blocks\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x12\n\ndata_plane\x18\x0b \x01(\x08\x12\x0f\n\x07ucx_tls\x18\x0c \x01(\t\x12\x1a\n\x12\x64\x61ta_plane_clients\x18\r \x01(\r\x12\x18\n\x10\x61rena_used_bytes\x18\x0e \x01(\x04\x12\x15\n\rcluster_epoch\x18\x0f \x01(\x04\x12\x15\n\rcluster_nodes\x18\x10 \x01(\r\x12\x12\n\nmembership\x18\x11 \x01(\t\x12.\n\trebalance\x18\x12 \x01(\x0b\x32\x1b.kvstore.v1.RebalanceStatus\"\xbe\x01\n\x0fRebalanceStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x14\n\x0ckeys_scanned\x18\x03 \x01(\x04\x12\x12\n\nkeys_total\x18\x04 \x01(\x04\x12\x13\n\x0bkeys_copied\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_copied\x18\x06 \x01(\x04\x12\x14\n\x0ckeys_dropped\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\x12\x12\n\nlast_error\x18\t \x01(\t\"H\n\x19SetNamespacePolicyRequest\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.kvstore.v1.NamespacePolicy\"E\n\x19GetNamespacePolicyRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace2\xba\x03\n\x05\x41\x64min\x12W\n\x0eListNamespaces\x12!.kvstore.v1.ListNamespacesRequest\x1a\".kvstore.v1.ListNamespacesResponse\x12T\n\rDropNamespace\x12 .kvstore.v1.DropNamespaceRequest\x1a!.kvstore.v1.DropNamespaceResponse\x12N\n\x0bServerStats\x12\x1e.kvstore.v1.ServerStatsRequest\x1a\x1f.kvstore.v1.ServerStatsResponse\x12X\n\x12SetNamespacePolicy\x12%.kvstore.v1.SetNamespacePolicyRequest\x1a\x1b.kvstore.v1.NamespacePolicy\x12X\n\x12GetNamespacePolicy\x12%.kvstore.v1.GetNamespacePolicyRequest\x1a\x1b.kvstore.v1.NamespacePolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPNAMESPACERESPONSE']._serialized_start=268
   _globals['_DROPNAMESPACERESPONSE']._serialized_end=322
   _globals['_TIERSTATS']._serialized_start=324
-  _globals['_TIERSTATS']._serialized_end=404
-  _globals['_SERVERSTATSREQUEST']._serialized_start=406
-  _globals['_SERVERSTATSREQUEST']._serialized_end=426
-  _globals['_SERVERSTATSRESPONSE']._serialized_start=429
-  _globals['_SERVERSTATSRESPONSE']._serialized_end=867
-  _globals['_REBALANCESTATUS']._serialized_start=870
-  _globals['_REBALANCESTATUS']._serialized_end=1060
-  _globals['_SETNAMESPACEPOLICYREQUEST']._serialized_start=1062
-  _globals['_SETNAMESPACEPOLICYREQUEST']._serialized_end=1134
-  _globals['_GETNAMESPACEPOLICYREQUEST']._serialized_start=1136
-  _globals['_GETNAMESPACEPOLICYREQUEST']._serialized_end=1205
-  _globals['_ADMIN']._serialized_start=1208
-  _globals['_ADMIN']._serialized_end=1650
+  _globals['_TIERSTATS']._serialized_end=428
+  _globals['_SERVERSTATSREQUEST']._serialized_start=430
+  _globals['_SERVERSTATSREQUEST']._serialized_end=450
+  _globals['_SERVERSTATSRESPONSE']._serialized_start=453
+  _globals['_SERVERSTATSRESPONSE']._serialized_end=891
+  _globals['_REBALANCESTATUS']._serialized_start=894
+  _globals['_REBALANCESTATUS']._serialized_end=1084
+  _globals['_SETNAMESPACEPOLICYREQUEST']._serialized_start=1086
+  _globals['_SETNAMESPACEPOLICYREQUEST']._serialized_end=1158
+  _globals['_GETNAMESPACEPOLICYREQUEST']._serialized_start=1160
+  _globals['_GETNAMESPACEPOLICYREQUEST']._serialized_end=1229
+  _globals['_ADMIN']._serialized_start=1232
+  _globals['_ADMIN']._serialized_end=1674
 # @@protoc_insertion_point(module_scope)

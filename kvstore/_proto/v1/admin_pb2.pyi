@@ -36,16 +36,18 @@ class DropNamespaceResponse(_message.Message):
     def __init__(self, blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "blocks", "bytes", "capacity_bytes")
+    __slots__ = ("name", "blocks", "bytes", "capacity_bytes", "resident_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     blocks: int
     bytes: int
     capacity_bytes: int
-    def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    resident_bytes: int
+    def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerStatsRequest(_message.Message):
     __slots__ = ()
