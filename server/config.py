@@ -38,6 +38,9 @@ class ServerConfig:
     segment_size: int = size_field(1 << 30)
     # Group commit: how long a sync put may wait for others to share its fsync.
     sync_window_ms: float = 0.5
+    # How long a "memory" put may wait for its write-back to disk: write-backs
+    # wait while puts stream in (until they pause, or this long); 0 writes at once.
+    writeback_delay: float = 1.0
     io_threads: int = 4
     # Largest Get response; more keys are answered in follow-up calls.
     max_response_bytes: int = size_field(64 << 20)
@@ -95,6 +98,8 @@ class ServerConfig:
             raise ConfigError(f"default_durability: {self.default_durability!r} is not one of {', '.join(DURABILITIES)}")
         if self.io_threads < 1:
             raise ConfigError("io_threads: must be at least 1")
+        if self.writeback_delay < 0:
+            raise ConfigError("writeback_delay: must not be negative")
         if self.sync_window_ms < 0:
             raise ConfigError("sync_window_ms: must not be negative")
         if self.drain_seconds < 0:

@@ -65,6 +65,7 @@ class Daemon:
             segment_size=config.segment_size,
             sync_window=config.sync_window_ms / 1000,
             io_threads=config.io_threads,
+            writeback_delay=config.writeback_delay,
         )
         self.store.memory.arena.prefault()
         limit = config.max_message_bytes

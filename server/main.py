@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vnodes", type=int, help="virtual nodes per unit weight on the ring")
     p.add_argument("--rebalance-rate", help="bandwidth for moving blocks after membership changes (default 256MiB per second)")
     p.add_argument("--rebalance-interval", type=float, help="seconds between anti-entropy passes (default 30)")
+    p.add_argument(
+        "--writeback-delay", type=float,
+        help='seconds a "memory" put may wait for its write-back to disk while puts stream in (default 1; 0: at once)',
+    )
     p.add_argument("--io-threads", type=int, help="threads for disk and copy work (default 4)")
     p.add_argument("--drain-seconds", type=float, help="how long SIGTERM waits for in-flight requests (default 10)")
     p.add_argument("--ucx-tls", help='UCX transports of the data plane, e.g. "shm,tcp", "tcp", "all" (default: UCX chooses)')

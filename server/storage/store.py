@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,18 +23,12 @@ from kvstore.errors import InvalidArgumentError, ResourceExhaustedError, Unavail
 from kvstore.namespace import Namespace
 from kvstore.server.storage.disk import DiskTier, NamespaceCounters
 from kvstore.server.storage.memory import MemoryTier, Resident
+from kvstore.server.storage.writeback import WriteBack
 
 log = logging.getLogger("kvstore.server.store")
 
 MEMORY, DISK, SYNC = "memory", "disk", "sync"
-
-
-def _lowest_cpu_priority() -> None:
-    """Nice the calling thread to 19 (Linux sets priorities per thread)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass  # elsewhere: normal priority
+WRITEBACK_DELAY = 1.0  # seconds a "memory" put may wait for its write-back (server/storage/writeback.py)
 
 
 @dataclass(slots=True)
@@ -77,19 +69,15 @@ class BlockStore:
         segment_size: int,
         sync_window: float,
         io_threads: int,
+        writeback_delay: float = WRITEBACK_DELAY,
     ) -> None:
         self.memory = MemoryTier(memory_bytes)
         self.disk = DiskTier(Path(data_dir), segment_size=segment_size, sync_window=sync_window)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvstore-io")
-        # Write-backs get their own thread: on the request pool, "memory" puts would
-        # queue behind earlier write-backs and be acknowledged at disk speed. It runs
-        # at the lowest CPU priority: copying a block into the page cache costs more
-        # CPU than taking it from a client, and requests come first.
-        self._writeback_pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kvstore-writeback", initializer=_lowest_cpu_priority
+        self.writeback = WriteBack(
+            self.memory, self.disk, delay=writeback_delay, high_water=memory_bytes // 4, on_clean=self._space_freed
         )
         self._seq = _Sequence()
-        self._writebacks: set[asyncio.Task] = set()
         self._closed = False
         self._deletes = 0  # bumped by every delete: stale copies must not be republished
         self._background: set[asyncio.Task] = set()
@@ -115,6 +103,8 @@ class BlockStore:
         slots = [self.memory.reserve(block.length) for block in blocks]
         # "memory" puts that found no arena room are written through to disk instead.
         to_disk = [durability != MEMORY or slot is None for slot in slots]
+        if None in slots:
+            self.writeback.hurry()  # so that later puts find room again
         try:
             await self._run(self._fill_and_persist, blocks, slots, seqs, to_disk, durability == SYNC)
         except BaseException:
@@ -196,7 +186,7 @@ class BlockStore:
             if entry is not None and entry.dirty:
                 dirty.append(entry)
         if dirty:
-            self._start_writeback(dirty)
+            self.writeback.add(dirty)
 
     def _release(self, slots, sizes) -> None:
         for slot, size in zip(slots, sizes):
@@ -229,6 +219,7 @@ class BlockStore:
                 return slots
             for slot, n in zip(slots, sizes):
                 self.memory.release(slot, n)
+            self.writeback.hurry()  # dirty blocks cannot be evicted: make them clean
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ResourceExhaustedError(
@@ -252,43 +243,6 @@ class BlockStore:
             if persist
         ]
         self.disk.commit(writes, sync=sync)
-
-    def _start_writeback(self, entries: list[Resident]) -> None:
-        """Write a put's dirty blocks back together: one task, one executor call and one
-        index commit per batch (per block, the loop's overhead cost more than the copy)."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        for entry in entries:
-            entry.writeback = done
-        task = loop.create_task(self._writeback(entries, done))
-        self._writebacks.add(task)
-        task.add_done_callback(self._writebacks.discard)
-
-    async def _writeback(self, entries: list[Resident], done: asyncio.Future) -> None:
-        for entry in entries:
-            self.memory.pin(entry)
-        try:
-            views = [self.memory.arena.view(entry.offset, entry.length) for entry in entries]
-
-            def write_back() -> None:
-                items = [
-                    (entry.key, view, entry.length, entry.checksum, entry.seq)
-                    for entry, view in zip(entries, views)
-                    if not entry.retired  # overwritten or deleted while queued: nothing to keep
-                ]
-                if items:
-                    self.disk.write(items, sync=False)
-
-            await asyncio.get_running_loop().run_in_executor(self._writeback_pool, write_back)
-            for entry in entries:
-                self.memory.mark_clean(entry)
-        except Exception:
-            log.exception("write-back of memory-durability blocks failed; they stay dirty in memory")
-        finally:
-            for entry in entries:
-                self.memory.unpin(entry)
-            done.set_result(None)
-            self._space_freed()
 
     # -- get ---------------------------------------------------------------
 
@@ -530,9 +484,10 @@ class BlockStore:
     # -- lifecycle ---------------------------------------------------------
 
     async def flush(self) -> None:
-        """Wait for every write-back, then make everything written durable."""
-        while self._writebacks or self._background:
-            await asyncio.gather(*self._writebacks, *self._background, return_exceptions=True)
+        """Write back every dirty block now, then make everything written durable."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.writeback.drain()
         await self._run(self.disk.flush)
 
     async def close(self) -> None:
@@ -540,8 +495,8 @@ class BlockStore:
             return
         await self.flush()
         self._closed = True
+        await self.writeback.close()
         self._pool.shutdown(wait=True)
-        self._writeback_pool.shutdown(wait=True)
         self.disk.close()
         self.memory.close()
 
