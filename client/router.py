@@ -61,6 +61,10 @@ class ClusterView:
             (p.namespace.tenant, p.namespace.subtenant): Replication(p.replicas, p.write_quorum)
             for p in cluster_map.policies
         }
+        self._replication: dict[tuple[str, str], Replication] = {}
+        # A cluster of one (the embedded default) with nothing moving: every key's
+        # only node, without hashing each key.
+        self._only = self.ring.nodes[0] if len(self.ring) == 1 and self.previous_ring is None else None
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -72,13 +76,18 @@ class ClusterView:
         return list(dict.fromkeys(list(self.ring.nodes) + [n.node_id for n in self.map.previous_nodes]))
 
     def replication(self, tenant: str, subtenant: str) -> Replication:
-        policy = self.policies.get((tenant, subtenant), self.default)
-        replicas = min(policy.replicas, max(1, len(self.ring)))
-        return Replication(replicas, min(policy.write_quorum, replicas))
+        found = self._replication.get((tenant, subtenant))
+        if found is None:
+            policy = self.policies.get((tenant, subtenant), self.default)
+            replicas = min(policy.replicas, max(1, len(self.ring)))
+            found = self._replication[(tenant, subtenant)] = Replication(replicas, min(policy.write_quorum, replicas))
+        return found
 
     def write_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
         """The key's owners and the next nodes of the ring that stand in for
         failed ones, in ring order, and how many of them are its owners."""
+        if self._only is not None:
+            return [self._only], 1
         replicas = self.replication(tenant, subtenant).replicas
         order = self.ring.owners(tenant, subtenant, key, min(len(self.ring), replicas + STAND_INS))
         return order, replicas
@@ -86,6 +95,8 @@ class ClusterView:
     def read_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
         """Nodes to ask in turn, and how many of them are worth asking when all
         answer (owners, then previous owners); the rest stand in for failed ones."""
+        if self._only is not None:
+            return [self._only], 1
         order, replicas = self.write_order(tenant, subtenant, key)
         asked = order[:replicas]
         if self.previous_ring is not None:
