@@ -266,7 +266,8 @@ class Client:
     def _connection(self, endpoint: str) -> Connection:
         conn = self._connections.get(endpoint)
         if conn is None:
-            conn = self._connections[endpoint] = Connection(endpoint)
+            local = self.config.local_channel and shared_memory_allowed(self.config.ucx_tls)
+            conn = self._connections[endpoint] = Connection(endpoint, local_channel=local)
         return conn
 
     @property
@@ -361,19 +362,27 @@ class Client:
         metadata = ((EPOCH_METADATA, str(self._view.epoch)),)
         for again in (False, True):
             generation = conn.generation
+            local = await conn.local_channel() if service == "data" else None
             try:
+                if local is not None:
+                    response, epoch = await local.call(method, request, self._view.epoch, timeout)
+                    if epoch is not None and epoch != self._view.epoch:
+                        self._map_may_be_stale()
+                    return response
                 pending = getattr(getattr(conn, service), method)(request, timeout=timeout, metadata=metadata)
                 response = await pending
             except grpc.RpcError as exc:
                 error = translate(exc, conn.endpoint)
-                if error.retryable:
-                    self._map_may_be_stale()
+            except errors.KVStoreError as exc:  # from the local channel, already translated
+                error = exc
             else:
                 if service == "data":
                     for key, value in await pending.trailing_metadata() or ():
                         if key == EPOCH_METADATA and value != str(self._view.epoch):
                             self._map_may_be_stale()
                 return response
+            if error.retryable:
+                self._map_may_be_stale()
             if not again and error.code in ("UNKNOWN_CLIENT", "TRANSFER_FAILED") and self._plane is not None:
                 # The daemon lost our data-plane session (it restarted, or a transfer failed).
                 await self._handshake(conn, timeout, seen=generation)

@@ -109,6 +109,9 @@ class ClientConfig:
     transport: str = "auto"
     # UCX transports, e.g. "shm,tcp", "tcp", "all"; empty means UCX's default choice.
     ucx_tls: str = ""
+    # Data calls to a daemon on this host over its local channel (a Unix socket)
+    # instead of gRPC, when shared memory is allowed (see ucx_tls) and the daemon offers one.
+    local_channel: bool = True
     # Registered buffer that plain put/get copy through on the zero-copy path.
     staging_bytes: int = size_field(128 << 20)
     retry: RetryPolicy = field(default_factory=RetryPolicy)

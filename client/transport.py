@@ -1,12 +1,19 @@
-"""gRPC channels to daemons, and the one place where gRPC failures become
-``kvstore.errors`` exceptions (``translate``)."""
+"""gRPC channels to daemons (with the local channel beside them, for Data
+calls to a daemon on this host), and the one place where gRPC failures become
+``kvstore.errors`` exceptions (``translate``/``error_of``)."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 import grpc
 
 from kvstore import errors
 from kvstore._proto.v1 import admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2_grpc, errors_pb2
+from kvstore.client.local import LocalChannel
+
+log = logging.getLogger("kvstore.client")
 
 ERROR_DETAIL_KEY = "kvstore-error-bin"
 
@@ -26,16 +33,24 @@ _BY_STATUS = {
 
 def translate(exc: grpc.RpcError, endpoint: str) -> errors.KVStoreError:
     """The kvstore exception for a failed call, with the daemon's ErrorDetail if it sent one."""
-    status = exc.code()
-    message = exc.details() or status.name
-    code = None
-    index = -1
+    detail = None
     for key, value in exc.trailing_metadata() or ():
         if key == ERROR_DETAIL_KEY:
-            detail = errors_pb2.ErrorDetail.FromString(value)
-            code = errors_pb2.ErrorCode.Name(detail.code) if detail.code else None
-            index = detail.index
-            message = detail.message or message
+            detail = value
+    return error_of(exc.code(), exc.details(), detail, endpoint)
+
+
+def error_of(status: grpc.StatusCode, details: str | None, detail: bytes | None, endpoint: str) -> errors.KVStoreError:
+    """The kvstore exception for a status, its details and a serialized ErrorDetail
+    (gRPC's trailing metadata, or the local channel's error payload)."""
+    message = details or status.name
+    code = None
+    index = -1
+    if detail:
+        parsed = errors_pb2.ErrorDetail.FromString(detail)
+        code = errors_pb2.ErrorCode.Name(parsed.code) if parsed.code else None
+        index = parsed.index
+        message = parsed.message or message
     cls = _BY_STATUS.get(status, errors.InternalError)
     if code == "WRONG_NODE":
         cls = errors.WrongNodeError
@@ -45,10 +60,17 @@ def translate(exc: grpc.RpcError, endpoint: str) -> errors.KVStoreError:
 
 
 class Connection:
-    """One channel to one daemon with its service stubs and the limits it announced."""
+    """One channel to one daemon with its service stubs and the limits it announced.
 
-    def __init__(self, endpoint: str) -> None:
+    With ``local_channel`` the Data calls go over the daemon's local channel
+    whenever its Hello announces one that this process can reach."""
+
+    def __init__(self, endpoint: str, *, local_channel: bool = False) -> None:
         self.endpoint = endpoint
+        self.local_allowed = local_channel
+        self.local: LocalChannel | None = None
+        self._local_name = ""  # announced by the last Hello and not tried yet
+        self._local_opening: asyncio.Future | None = None
         self.channel = grpc.aio.insecure_channel(
             endpoint,
             options=[
@@ -93,7 +115,53 @@ class Connection:
         except grpc.RpcError as exc:
             raise translate(exc, self.endpoint) from None
         self.generation += 1
+        self._announce_local(self.hello.local_socket)
         return self.hello
 
+    # -- the local channel ----------------------------------------------------
+
+    def _announce_local(self, name: str) -> None:
+        """A successful Hello: keep a working channel to the same socket, else try ``name`` next."""
+        if not self.local_allowed:
+            return
+        local = self.local
+        if local is not None and (local.closed or local.name != name):
+            self.local = None
+            local.close()
+        self._local_name = name if self.local is None else ""
+
+    async def local_channel(self) -> LocalChannel | None:
+        """The local channel for Data calls, opened on first use; None means gRPC.
+
+        A channel that broke is not reopened until the next Hello (the daemon
+        may have restarted under another socket name)."""
+        local = self.local
+        if local is not None:
+            if not local.closed:
+                return local
+            self.local = None
+        if not self._local_name:
+            return None
+        if self._local_opening is None:
+            self._local_opening = asyncio.ensure_future(self._open_local(self._local_name))
+        return await asyncio.shield(self._local_opening)
+
+    async def _open_local(self, name: str) -> LocalChannel | None:
+        try:
+            self.local = await LocalChannel.open(name, self.endpoint, timeout=1.0)
+        except (OSError, asyncio.TimeoutError) as exc:
+            # Another host or network namespace: the daemon's socket is not ours to reach.
+            log.debug("no local channel to %s (%s); Data calls use gRPC", self.endpoint, exc)
+        finally:
+            if self._local_name == name:
+                self._local_name = ""
+            self._local_opening = None
+        return self.local
+
     async def close(self) -> None:
+        if self._local_opening is not None:
+            self._local_opening.cancel()
+        if self.local is not None:
+            self.local.close()
+            self.local = None
         await self.channel.close()

@@ -4,6 +4,7 @@ in-process on port 0."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -25,6 +26,7 @@ from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.admin import AdminService
 from kvstore.server.rpc.cluster import ClusterService
 from kvstore.server.rpc.data import DataService
+from kvstore.server.rpc.local import LocalServer, socket_name
 from kvstore.server.storage.store import BlockStore
 from kvstore.units import format_size, parse_address
 
@@ -50,6 +52,11 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        # Serve the Data service to clients on this host over a Unix socket too
+        # (with the data plane only); set before start() to turn it off.
+        self.local_channel: bool = getattr(config, "local_channel", True)
+        self.local: LocalServer | None = None
+        self.data: DataService | None = None
 
     @property
     def address(self) -> str:
@@ -87,8 +94,11 @@ class Daemon:
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)
         await self._join_cluster()
-        data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
-        cluster = ClusterService(config, self.metrics, self.cluster, self.dataplane)
+        data = self.data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
+        data_handler = data.handler()
+        if self.local_channel and self.dataplane.enabled:
+            self.local = LocalServer(socket_name(config.node_id), data_handler.methods, config.max_message_bytes)
+        cluster = ClusterService(config, self.metrics, self.cluster, self.dataplane, self.local.name if self.local else "")
         self.rebalancer = Rebalancer(
             self.cluster,
             self.store,
@@ -100,12 +110,19 @@ class Daemon:
         admin = AdminService(
             self.store, config, self.metrics, self.dataplane, self.cluster, self.membership, self.rebalancer.snapshot
         )
-        self.server.add_generic_rpc_handlers((data.handler(), cluster.handler(), admin.handler()))
+        self.server.add_generic_rpc_handlers((data_handler, cluster.handler(), admin.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
+        if self.local is not None:
+            try:
+                await self.local.start()
+            except OSError as exc:
+                log.warning("local channel off: cannot listen on its Unix socket: %s", exc)
+                self.local = None
+                cluster.local_socket = ""
         await self.server.start()
         self.rebalancer.start()
         self._wire_gauges()
@@ -178,8 +195,11 @@ class Daemon:
         grace = self.config.drain_seconds if grace is None else grace
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
+            # Both transports drain in the same window.
+            local = self.local.stop(grace) if self.local is not None else asyncio.sleep(0)
+            await asyncio.gather(self.server.stop(grace), local)
             self.server = None
+            self.local = None
         if self.rebalancer is not None:
             await self.rebalancer.stop()
             self.rebalancer = None

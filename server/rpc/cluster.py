@@ -17,8 +17,11 @@ from kvstore.server.rpc.handlers import service
 
 
 class ClusterService:
-    def __init__(self, config: ServerConfig, metrics: Metrics, cluster: ClusterState, dataplane: DataPlane) -> None:
+    def __init__(
+        self, config: ServerConfig, metrics: Metrics, cluster: ClusterState, dataplane: DataPlane, local_socket: str = ""
+    ) -> None:
         self.dataplane = dataplane
+        self.local_socket = local_socket  # the local channel's name, "" when there is none
         self.config = config
         self.metrics = metrics
         self.cluster = cluster
@@ -50,4 +53,5 @@ class ClusterService:
             max_message_bytes=self.config.max_message_bytes,
             max_key_bytes=MAX_KEY_BYTES,
             server_version=__version__,
+            local_socket=self.local_socket if self.dataplane.enabled else "",
         )

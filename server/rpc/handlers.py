@@ -4,7 +4,8 @@ Requests arrive as raw bytes and are parsed here, so a malformed message or one
 with fields this daemon does not know gets INVALID_ARGUMENT naming the problem
 (rather than gRPC's generic INTERNAL), every KVStoreError becomes its status
 with an ErrorDetail, an unexpected exception becomes INTERNAL without taking the
-daemon down, and every call is counted in the metrics.
+daemon down, and every call is counted in the metrics. ``Method.run`` is that seam; gRPC
+and the local channel (``local.py``) are two ways into it.
 """
 
 from __future__ import annotations
@@ -68,57 +69,102 @@ def has_unknown_fields(message: Message) -> bool:
 EPOCH_METADATA = "kvstore-epoch"
 
 
+class Method:
+    """One RPC method: strict parsing, the handler, error mapping and metrics.
+
+    ``run`` is shared by the gRPC wrapper below and the local channel
+    (``kvstore.server.rpc.local``), so both transports answer a request the same way."""
+
+    def __init__(self, label: str, request_type: type[Message], handler: Handler, metrics: Metrics, epoch) -> None:
+        self.label = label
+        self.request_type = request_type
+        self.handler = handler
+        self.epoch = epoch  # callable giving the cluster map epoch, or None (not a Data method)
+        self._requests = metrics.requests
+        self._latency = metrics.latency.labels(label)
+
+    async def run(self, raw: bytes, context) -> tuple[Message | bytes | None, grpc.StatusCode, errors.KVStoreError | None]:
+        """(response, OK, None) or (None, status, error): a failure never escapes as an exception."""
+        started = time.perf_counter()
+        try:
+            request = parse_strict(self.request_type, raw)
+            response = await self.handler(request, context)
+        except errors.KVStoreError as exc:
+            if len(exc.message) > MAX_ERROR_MESSAGE:  # metadata beyond ~16 KiB breaks the reply
+                exc.message = exc.message[:MAX_ERROR_MESSAGE] + "..."
+            code = status_of(exc)
+            self._requests.labels(self.label, code.name).inc()
+            return None, code, _detached(exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected failure in %s", self.label)
+            self._requests.labels(self.label, "INTERNAL").inc()
+            error = errors.InternalError(f"{self.label} failed inside the daemon: {type(exc).__name__}: {exc}")
+            return None, grpc.StatusCode.INTERNAL, _detached(error)
+        self._requests.labels(self.label, "OK").inc()
+        self._latency.observe(time.perf_counter() - started)
+        return response, grpc.StatusCode.OK, None
+
+    async def grpc_call(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        response, code, error = await self.run(raw, context)
+        if error is not None:
+            context.set_trailing_metadata(trailing_metadata(error))
+            await context.abort(code, error.message)
+        if self.epoch is not None:
+            context.set_trailing_metadata(((EPOCH_METADATA, str(self.epoch())),))
+        return response
+
+
+def _detached(error: errors.KVStoreError) -> errors.KVStoreError:
+    """The error without its traceback and chained exceptions: their frames hold
+    the handler's locals (views of the arena among them), which must not live
+    as long as whoever keeps the error (gRPC keeps an aborted call's around)."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
+class Service(grpc.GenericRpcHandler):
+    """The generic gRPC handler of ``kvstore.v1.<name>``; ``methods`` by method name."""
+
+    def __init__(
+        self,
+        name: str,
+        methods: dict[str, tuple[type[Message], Handler]],
+        metrics: Metrics,
+        epoch: Callable[[], int] | None = None,
+    ) -> None:
+        self.methods = {
+            method: Method(f"{name}.{method}", request_type, handler, metrics, epoch)
+            for method, (request_type, handler) in methods.items()
+        }
+        self._generic = grpc.method_handlers_generic_handler(
+            f"kvstore.v1.{name}",
+            {
+                method: grpc.unary_unary_rpc_method_handler(
+                    m.grpc_call, request_deserializer=None, response_serializer=_serialize
+                )
+                for method, m in self.methods.items()
+            },
+        )
+
+    def service_name(self) -> str:
+        return self._generic.service_name()
+
+    def service(self, handler_call_details):
+        return self._generic.service(handler_call_details)
+
+
 def service(
     name: str,
     methods: dict[str, tuple[type[Message], Handler]],
     metrics: Metrics,
     epoch: Callable[[], int] | None = None,
-):
+) -> Service:
     """A generic handler for ``kvstore.v1.<name>`` whose methods parse strictly."""
-    handlers = {
-        method: grpc.unary_unary_rpc_method_handler(
-            _wrap(f"{name}.{method}", request_type, handler, metrics, epoch),
-            request_deserializer=None,
-            response_serializer=_serialize,
-        )
-        for method, (request_type, handler) in methods.items()
-    }
-    return grpc.method_handlers_generic_handler(f"kvstore.v1.{name}", handlers)
+    return Service(name, methods, metrics, epoch)
 
 
 def _serialize(message: Message | bytes) -> bytes:
     # Handlers with large responses serialise them off the event loop themselves.
     return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-def _wrap(label: str, request_type: type[Message], handler: Handler, metrics: Metrics, epoch):
-    requests = metrics.requests
-    latency = metrics.latency.labels(label)
-
-    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        started = time.perf_counter()
-        try:
-            request = parse_strict(request_type, raw)
-            response = await handler(request, context)
-        except errors.KVStoreError as exc:
-            if len(exc.message) > MAX_ERROR_MESSAGE:  # metadata beyond ~16 KiB breaks the reply
-                exc.message = exc.message[:MAX_ERROR_MESSAGE] + "..."
-            code = status_of(exc)
-            requests.labels(label, code.name).inc()
-            context.set_trailing_metadata(trailing_metadata(exc))
-            await context.abort(code, exc.message)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("unexpected failure in %s", label)
-            requests.labels(label, "INTERNAL").inc()
-            error = errors.InternalError(f"{label} failed inside the daemon: {type(exc).__name__}: {exc}")
-            context.set_trailing_metadata(trailing_metadata(error))
-            await context.abort(grpc.StatusCode.INTERNAL, error.message)
-        requests.labels(label, "OK").inc()
-        latency.observe(time.perf_counter() - started)
-        if epoch is not None:
-            context.set_trailing_metadata(((EPOCH_METADATA, str(epoch())),))
-        return response
-
-    return call

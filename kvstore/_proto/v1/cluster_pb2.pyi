@@ -63,7 +63,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("node_id", "worker_address", "cluster_map", "max_value_bytes", "max_message_bytes", "max_key_bytes", "server_version", "ucx_tls", "data_plane")
+    __slots__ = ("node_id", "worker_address", "cluster_map", "max_value_bytes", "max_message_bytes", "max_key_bytes", "server_version", "ucx_tls", "data_plane", "local_socket")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_MAP_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class HelloResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     UCX_TLS_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     worker_address: bytes
     cluster_map: ClusterMap
@@ -82,4 +83,5 @@ class HelloResponse(_message.Message):
     server_version: str
     ucx_tls: str
     data_plane: bool
-    def __init__(self, node_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., cluster_map: _Optional[_Union[ClusterMap, _Mapping]] = ..., max_value_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., ucx_tls: _Optional[str] = ..., data_plane: _Optional[bool] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, node_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., cluster_map: _Optional[_Union[ClusterMap, _Mapping]] = ..., max_value_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., ucx_tls: _Optional[str] = ..., data_plane: _Optional[bool] = ..., local_socket: _Optional[str] = ...) -> None: ...
