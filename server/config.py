@@ -69,6 +69,8 @@ class ServerConfig:
     data_plane: bool = True
     # UCX transports, e.g. "shm,tcp", "tcp", "all"; empty means UCX's default choice.
     ucx_tls: str = ""
+    # Serve the Data service to clients on this host over a Unix socket too (data plane only).
+    local_channel: bool = True
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -54,7 +54,7 @@ class Daemon:
         self.metrics_port: int | None = None
         # Serve the Data service to clients on this host over a Unix socket too
         # (with the data plane only); set before start() to turn it off.
-        self.local_channel: bool = getattr(config, "local_channel", True)
+        self.local_channel: bool = config.local_channel
         self.local: LocalServer | None = None
         self.data: DataService | None = None
 

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, help="how long SIGTERM waits for in-flight requests (default 10)")
     p.add_argument("--ucx-tls", help='UCX transports of the data plane, e.g. "shm,tcp", "tcp", "all" (default: UCX chooses)')
     p.add_argument("--no-data-plane", dest="data_plane", action="store_const", const=False, help="serve inline values only")
+    p.add_argument(
+        "--no-local-channel", dest="local_channel", action="store_const", const=False,
+        help="co-located clients send Data calls over gRPC too (not over the daemon's Unix socket)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     p.add_argument("--version", action="version", version=f"kvstore-server {__version__}")
