@@ -31,7 +31,6 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -301,20 +300,14 @@ def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool
     return False
 
 
-def _resolve_prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _resolve_prctl() if sys.platform.startswith("linux") else None  # looked up before any fork
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
-    """Have the kernel SIGTERM the server if the bench dies without stopping it (PR_SET_PDEATHSIG;
-    it fires when the thread that started the server exits, so start peers from the main thread)."""
-    _PRCTL(1, signal.SIGTERM)
+def _die_with_parent() -> list[str]:
+    """A command prefix that has the kernel SIGTERM the server if the bench dies without
+    stopping it (util-linux's ``setpriv --pdeathsig``; it fires when the thread that started
+    the server exits, so start peers from the main thread). Not a ``preexec_fn``: that makes
+    subprocess fork rather than vfork, and gRPC's fork handlers then restart its poller in
+    the child, whose epoll fd the child's close_fds closes before exec: SIGABRT."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 class ServerProcess:
@@ -331,7 +324,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         self.proc = subprocess.Popen(
-            self.argv,
+            _die_with_parent() + list(self.argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -339,7 +332,6 @@ class ServerProcess:
             errors="replace",
             env=self.env,
             cwd=self.cwd,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
         )
         self._drain = threading.Thread(target=self._read, name=f"bench-peer-{self.name}-log", daemon=True)
         self._drain.start()
