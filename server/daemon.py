@@ -189,6 +189,9 @@ class Daemon:
         m.rebalance_bytes.set_function(lambda: status.bytes_copied)
         m.rebalance_dropped.set_function(lambda: status.keys_dropped)
         m.rebalance_running.set_function(lambda: status.state == "running")
+        local = self.local
+        m.local_connections.set_function(lambda: len(local.connections) if local else 0)
+        m.local_in_flight.set_function(lambda: sum(len(c.tasks) for c in local.connections) if local else 0)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), flush, close."""

@@ -37,6 +37,12 @@ class Metrics:
         self.rebalance_copied = Gauge("kvstore_rebalance_keys_copied", "Blocks copied to their owners", registry=r)
         self.rebalance_bytes = Gauge("kvstore_rebalance_bytes_copied", "Bytes copied to owners", registry=r)
         self.rebalance_dropped = Gauge("kvstore_rebalance_keys_dropped", "Local copies dropped after owners confirmed", registry=r)
+        self.local_connections = Gauge(
+            "kvstore_local_channel_connections", "Clients connected over the local channel (Unix socket)", registry=r
+        )
+        self.local_in_flight = Gauge(
+            "kvstore_local_channel_calls_in_flight", "Local-channel calls being served", registry=r
+        )
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

@@ -29,6 +29,10 @@ from kvstore.server.rpc.status import status_of, trailing_metadata
 log = logging.getLogger("kvstore.server.rpc")
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Calls one connection may have in flight; past it the daemon stops reading that
+# socket until some finish (as gRPC bounds a connection's concurrent streams),
+# so no client can pile up unbounded work.
+MAX_IN_FLIGHT = 256
 _JOIN_BELOW = 64 << 10
 
 
@@ -107,6 +111,9 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._greeted = False
         self._closed = False
+        # Reading stops while either holds: replies backed up, or too many calls in flight.
+        self._writes_paused = False
+        self._calls_paused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -134,10 +141,20 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # A client that does not read its answers gets no more requests served.
-        self.transport.pause_reading()
+        self._writes_paused = True
+        self._read_if_allowed()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self._writes_paused = False
+        self._read_if_allowed()
+
+    def _read_if_allowed(self) -> None:
+        if self._closed or self.transport is None or self.transport.is_closing():
+            return
+        if self._writes_paused or self._calls_paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     def close(self) -> None:
         self._closed = True
@@ -147,8 +164,13 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        """Dispatch every whole request in the buffer, unless too many are in flight
+        (the rest wait there until calls finish)."""
         buffer = self._buffer
-        buffer += data
         position = 0
         if not self._greeted:
             if len(buffer) < len(PREAMBLE):
@@ -162,7 +184,7 @@ class _Connection(asyncio.Protocol):
             position = len(PREAMBLE)
         size = len(buffer)
         limit = self.server.max_message
-        while size - position >= REQUEST.size:
+        while size - position >= REQUEST.size and not self._calls_paused:
             length, request_id, epoch, timeout, name_length = REQUEST.unpack_from(buffer, position)
             payload_length = length - (REQUEST.size - 4) - name_length
             if payload_length < 0:
@@ -207,11 +229,18 @@ class _Connection(asyncio.Protocol):
             task = asyncio.get_running_loop().create_task(self._run(request_id, handler, payload, epoch, timeout))
             self.tasks[request_id] = task
             task.add_done_callback(functools.partial(self._finished, request_id))
+            if len(self.tasks) >= MAX_IN_FLIGHT and not self._calls_paused:
+                self._calls_paused = True
+                self._read_if_allowed()
         return True
 
     def _finished(self, request_id: int, task: asyncio.Task) -> None:
         if self.tasks.get(request_id) is task:
             del self.tasks[request_id]
+        if self._calls_paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self._closed:
+            self._calls_paused = False
+            self._process()  # requests that arrived meanwhile
+            self._read_if_allowed()
 
     async def _run(self, request_id: int, method: Method, payload: bytes, epoch: int, timeout: float) -> None:
         context = LocalContext(epoch)

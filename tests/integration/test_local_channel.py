@@ -406,3 +406,51 @@ async def test_daemon_death_and_restart(daemon_process, tenant):
             assert await kv.put_from([b"after"], region, [0], [KIB]) == 1
             assert await kv.exists([b"after"]) == [True]
             assert second.calls >= 2 and not second.closed
+
+
+async def test_a_flood_of_calls_is_served_a_bounded_number_at_a_time(own_daemon, tenant):
+    """Calls past MAX_IN_FLIGHT on one connection wait unread until earlier ones finish:
+    no client piles up unbounded work in the daemon, and every call is still answered."""
+    from kvstore.server.rpc.local import MAX_IN_FLIGHT
+
+    d = await own_daemon()
+    hold(d, "Exists", 0.02)
+    async with Client(d.address, tenant=tenant, transport="ucx") as kv:
+        await kv.connect()
+        await kv.put(b"here", b"1")
+        name = conn_of(kv).hello.local_socket
+    request = data_pb2.KeysRequest(
+        namespace=data_pb2.Namespace(tenant=tenant, subtenant="default"), keys=[b"here", b"absent"]
+    ).SerializeToString()
+    count = 3 * MAX_IN_FLIGHT
+    frames = b"".join(
+        REQUEST.pack(REQUEST.size - 4 + 6 + len(request), i, NO_EPOCH, 0.0, 6) + b"Exists" + request
+        for i in range(1, count + 1)
+    )
+    reader, writer = await asyncio.open_unix_connection(socket_address(name))
+    writer.write(PREAMBLE + frames)  # all at once: the daemon reads them in one go
+    peak = 0
+    answers = {}
+    try:
+        while len(answers) < count:
+            for conn in d.local.connections:
+                peak = max(peak, len(conn.tasks))
+            header = await asyncio.wait_for(reader.readexactly(RESPONSE.size), 30)
+            length, request_id, status, _ = RESPONSE.unpack(header)
+            body = await reader.readexactly(4 + length - RESPONSE.size)
+            assert status == 0, body
+            answers[request_id] = data_pb2.ExistsResponse.FromString(body).exists
+        from prometheus_client import generate_latest
+
+        for _ in range(50):  # the last call's task ends just after its answer is written
+            metrics = generate_latest(d.metrics.registry).decode()
+            if "kvstore_local_channel_calls_in_flight 0.0" in metrics:
+                break
+            await asyncio.sleep(0.02)
+        assert "kvstore_local_channel_connections 1.0" in metrics
+        assert "kvstore_local_channel_calls_in_flight 0.0" in metrics
+    finally:
+        writer.close()
+    assert sorted(answers) == list(range(1, count + 1))
+    assert all(list(found) == [True, False] for found in answers.values())
+    assert MAX_IN_FLIGHT // 2 <= peak <= MAX_IN_FLIGHT
