@@ -53,7 +53,7 @@ RESPONSE = struct.Struct("!IIBQ")
 CONNECTION_ID = 0
 NO_EPOCH = (1 << 64) - 1
 # Requests and responses below this size go out in one write (one syscall).
-_JOIN_BELOW = 64 << 10
+JOIN_BELOW = 64 << 10
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 RESPONSE_TYPES = {
@@ -122,7 +122,7 @@ class LocalChannel(asyncio.Protocol):
         raise self._error(status, body)
 
     def _write(self, head: bytes, payload: bytes) -> None:
-        if len(payload) < _JOIN_BELOW:
+        if len(payload) < JOIN_BELOW:
             self.transport.write(head + payload)
         else:  # no copy of a large payload just to prepend a few bytes
             self.transport.write(head)

@@ -22,7 +22,7 @@ import struct
 import grpc
 
 from kvstore import errors
-from kvstore.client.local import CONNECTION_ID, NO_EPOCH, PREAMBLE, REQUEST, RESPONSE, socket_address
+from kvstore.client.local import CONNECTION_ID, JOIN_BELOW, NO_EPOCH, PREAMBLE, REQUEST, RESPONSE, socket_address
 from kvstore.server.rpc.handlers import EPOCH_METADATA, Method, _serialize
 from kvstore.server.rpc.status import status_of, trailing_metadata
 
@@ -33,7 +33,6 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # socket until some finish (as gRPC bounds a connection's concurrent streams),
 # so no client can pile up unbounded work.
 MAX_IN_FLIGHT = 256
-_JOIN_BELOW = 64 << 10
 
 
 def socket_name(node_id: str) -> str:
@@ -257,7 +256,7 @@ class _Connection(asyncio.Protocol):
             return
         daemon_epoch = method.epoch() if method.epoch is not None else NO_EPOCH
         body = _serialize(response)
-        if len(body) < _JOIN_BELOW:
+        if len(body) < JOIN_BELOW:
             self._send(RESPONSE.pack(RESPONSE.size - 4 + len(body), request_id, 0, daemon_epoch) + body)
         else:
             self._send(RESPONSE.pack(RESPONSE.size - 4 + len(body), request_id, 0, daemon_epoch), body)
