@@ -44,14 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from bench import report
 from bench.measure import GB, BenchError
 from bench.peers import ServerProcess
-from bench.workers import collect_replies
+from bench.workers import collect_replies, serve_commands, spawn_workers, stop_workers
 from kvstore.client.localcluster import free_ports
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cluster.md"
@@ -357,43 +356,28 @@ def _worker_main(index: int, conn, barrier) -> None:  # pragma: no cover - runs 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops the pool
     os.environ["UCX_NET_DEVICES"] = os.environ.get("UCX_NET_DEVICES", "lo")
     worker: _Worker | None = None
-    conn.send(("ok", os.getpid()))
-    while True:
-        try:
-            command, arg = conn.recv()
-        except (EOFError, OSError):
-            break
-        try:
-            reply: Any = None
-            if command == "open":
-                worker = _Worker(index, arg)
-                reply = worker.describe()
-            elif command == "put":
-                reply = worker.put(arg["tag"], arg["durability"], barrier)
-            elif command == "get":
-                reply = worker.get(arg["tag"], barrier)
-            elif command == "close":
-                if worker is not None:
-                    worker.close()
-                worker = None
-            elif command == "exit":
-                conn.send(("ok", None))
-                break
-            else:
-                raise BenchError(f"unknown command {command!r}")
-            conn.send(("ok", reply))
-        except BaseException as exc:  # the parent raises it
-            barrier.abort()  # siblings waiting at the barrier fail instead of hanging
-            if isinstance(exc, BenchError) or type(exc).__module__.startswith("kvstore"):
-                text = f"{type(exc).__name__}: {exc}"
-            else:
-                text = "".join(traceback.format_exception(exc)).rstrip()
-            conn.send(("error", text))
-    if worker is not None:
-        try:
-            worker.close()
-        except Exception:
-            pass
+
+    def handle(command: str, arg: Any) -> Any:
+        nonlocal worker
+        if command == "open":
+            worker = _Worker(index, arg)
+            return worker.describe()
+        if command == "put":
+            return worker.put(arg["tag"], arg["durability"], barrier)
+        if command == "get":
+            return worker.get(arg["tag"], barrier)
+        if command == "close":
+            close()
+            return None
+        raise BenchError(f"unknown command {command!r}")
+
+    def close() -> None:
+        nonlocal worker
+        if worker is not None:
+            closing, worker = worker, None
+            closing.close()
+
+    serve_commands(conn, handle, [barrier], close)
 
 
 class Clients:
@@ -403,14 +387,7 @@ class Clients:
         ctx = multiprocessing.get_context("spawn")
         self.count = count
         self.barrier = ctx.Barrier(count)
-        self.procs, self.conns = [], []
-        for i in range(count):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(i, child, self.barrier), name=f"bench-cluster-client-{i}", daemon=True)
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self.conns.append(parent)
+        self.procs, self.conns = spawn_workers(ctx, _worker_main, count, self.barrier, "bench-cluster-client")
         self._all("start", None, send=False)
 
     def _all(self, command: str, arg: Any, *, send: bool = True, timeout: float = 1800) -> list:
@@ -447,19 +424,7 @@ class Clients:
         self._all("close", None)
 
     def shutdown(self) -> None:
-        for conn, proc in zip(self.conns, self.procs):
-            if proc.is_alive():
-                try:
-                    conn.send(("exit", None))
-                except (OSError, BrokenPipeError):
-                    pass
-        for proc in self.procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        for conn in self.conns:
-            conn.close()
+        stop_workers(self.conns, self.procs)
         self.procs, self.conns = [], []
 
 

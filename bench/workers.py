@@ -399,56 +399,69 @@ def verify(driver: Driver, case: Case, keys: list[list[bytes]], results: list[li
 # -- the worker process ------------------------------------------------------------------
 
 
-def _worker_main(index: int, conn, barriers: dict) -> None:  # pragma: no cover - runs in a child
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops the pool
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
-    driver: Driver | None = None
+def serve_commands(conn, handle, barriers, close) -> None:  # pragma: no cover - runs in a child
+    """The loop of a bench client process: answer each (command, arg) from the parent with
+    ("ok", ``handle(command, arg)``) or ("error", why), until "exit" or a closed pipe; then
+    ``close()``. A failure aborts ``barriers``, so that siblings waiting there fail instead
+    of hanging."""
     conn.send(("ok", os.getpid()))
     while True:
         try:
             command, arg = conn.recv()
         except (EOFError, OSError):
             break
+        if command == "exit":
+            conn.send(("ok", None))
+            break
         try:
-            reply: Any = None
-            if command == "open":
-                if driver is not None:
-                    driver.close()
-                    driver = None
-                driver = _driver_class(arg["kind"])(arg, index)
-                reply = driver.describe()
-            elif command == "prepare":
-                driver.release()
-                driver.prepare(*arg)
-            elif command == "run":
-                reply = run_case(driver, arg, barriers.get(arg.concurrency))
-            elif command == "clear":
-                driver.clear()
-            elif command == "close":
-                if driver is not None:
-                    driver.close()
-                driver = None
-            elif command == "exit":
-                conn.send(("ok", None))
-                break
-            else:
-                raise BenchError(f"unknown command {command!r}")
-            conn.send(("ok", reply))
+            conn.send(("ok", handle(command, arg)))
         except BaseException as exc:  # the parent raises it
-            for barrier in barriers.values():
-                barrier.abort()  # siblings waiting at a barrier fail instead of hanging
+            for barrier in barriers:
+                barrier.abort()
             # The bench's and kvstore's own errors say what went wrong; anything else gets its traceback.
             if isinstance(exc, BenchError) or type(exc).__module__.startswith("kvstore"):
                 text = f"{type(exc).__name__}: {exc}"
             else:
                 text = "".join(traceback.format_exception(exc)).rstrip()
             conn.send(("error", text))
-    if driver is not None:
-        try:
-            driver.close()
-        except Exception:
-            pass
+    try:
+        close()
+    except Exception:
+        pass
+
+
+def _worker_main(index: int, conn, barriers: dict) -> None:  # pragma: no cover - runs in a child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops the pool
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    driver: Driver | None = None
+
+    def handle(command: str, arg: Any) -> Any:
+        nonlocal driver
+        if command == "open":
+            close()
+            driver = _driver_class(arg["kind"])(arg, index)
+            return driver.describe()
+        if command == "prepare":
+            driver.release()
+            driver.prepare(*arg)
+        elif command == "run":
+            return run_case(driver, arg, barriers.get(arg.concurrency))
+        elif command == "clear":
+            driver.clear()
+        elif command == "close":
+            close()
+        else:
+            raise BenchError(f"unknown command {command!r}")
+        return None
+
+    def close() -> None:
+        nonlocal driver
+        if driver is not None:
+            closing, driver = driver, None
+            closing.close()
+
+    serve_commands(conn, handle, barriers.values(), close)
 
 
 def collect_replies(conns, procs, workers, what: str, timeout: float = 1800) -> tuple[list, list[str]]:
@@ -474,6 +487,37 @@ def collect_replies(conns, procs, workers, what: str, timeout: float = 1800) -> 
     return replies, errors
 
 
+def spawn_workers(ctx, target, count: int, shared, name: str) -> tuple[list, list]:
+    """``count`` processes running ``target(i, conn, shared)``: the processes, and this
+    side's end of each one's pipe."""
+    procs, conns = [], []
+    for i in range(count):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(i, child, shared), name=f"{name}-{i}", daemon=True)
+        proc.start()
+        child.close()
+        procs.append(proc)
+        conns.append(parent)
+    return procs, conns
+
+
+def stop_workers(conns, procs) -> None:
+    """Ask every live worker to exit, terminate those still there after 30 s, close the pipes."""
+    for conn, proc in zip(conns, procs):
+        if proc.is_alive():
+            try:
+                conn.send(("exit", None))
+            except (OSError, BrokenPipeError):
+                pass
+    for proc in procs:
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+    for conn in conns:
+        conn.close()
+
+
 class WorkerPool:
     """``processes`` spawned client processes; ``levels`` are the concurrencies cases will use."""
 
@@ -481,15 +525,7 @@ class WorkerPool:
         ctx = multiprocessing.get_context("spawn")
         self.processes = processes
         self._barriers = {k: ctx.Barrier(k) for k in set(levels) if 1 < k <= processes}
-        self._procs = []
-        self._conns = []
-        for i in range(processes):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(i, child, self._barriers), name=f"bench-client-{i}", daemon=True)
-            proc.start()
-            child.close()
-            self._procs.append(proc)
-            self._conns.append(parent)
+        self._procs, self._conns = spawn_workers(ctx, _worker_main, processes, self._barriers, "bench-client")
         self.pids = self._collect(range(processes), "start")
 
     # -- plumbing --------------------------------------------------------
@@ -537,19 +573,7 @@ class WorkerPool:
         self._all("close", [None] * self.processes)
 
     def shutdown(self) -> None:
-        for i, (conn, proc) in enumerate(zip(self._conns, self._procs)):
-            if proc.is_alive():
-                try:
-                    conn.send(("exit", None))
-                except (OSError, BrokenPipeError):
-                    pass
-        for proc in self._procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        for conn in self._conns:
-            conn.close()
+        stop_workers(self._conns, self._procs)
         self._procs, self._conns = [], []
 
     def __enter__(self) -> "WorkerPool":
