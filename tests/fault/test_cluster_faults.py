@@ -81,16 +81,9 @@ class Workload:
 
     def holders(self, key: bytes) -> list[str]:
         """Which daemons hold ``key`` right now, asked one by one (for failure messages)."""
-        from tests.fault.test_rebalance import node_keys
+        from tests.fault.test_rebalance import holders
 
-        found = []
-        for node in self.cluster.ids:
-            try:
-                if key in node_keys(f"127.0.0.1:{self.cluster.ports[node]}", self.tenant):
-                    found.append(node)
-            except Exception:
-                found.append(f"{node}?")
-        return found
+        return holders(self.cluster, self.tenant, key)
 
     def __enter__(self) -> "Workload":
         for t in self.threads:

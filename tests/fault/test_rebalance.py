@@ -39,6 +39,19 @@ def node_keys(address: str, tenant: str) -> set[bytes]:
     return asyncio.run(scan())
 
 
+def holders(cluster, tenant: str, key: bytes) -> list[str]:
+    """Which daemons of ``cluster`` hold ``key`` right now, asked one by one (for failure
+    messages; "node?" for one that did not answer)."""
+    found = []
+    for node in cluster.ids:
+        try:
+            if key in node_keys(f"127.0.0.1:{cluster.ports[node]}", tenant):
+                found.append(node)
+        except Exception:
+            found.append(f"{node}?")
+    return found
+
+
 def expected_placement(ids: list[str], tenant: str, keys, replicas: int) -> dict[str, set[bytes]]:
     ring = Ring(ids)
     placement: dict[str, set[bytes]] = {node: set() for node in ids}
@@ -93,15 +106,9 @@ class Readers:
                 self.reads += len(sample)
                 for k, v in zip(sample, got):
                     if v != self.values[k]:
-                        holders = []
-                        for n in self.cluster.ids:
-                            try:
-                                if k in node_keys(f"127.0.0.1:{self.cluster.ports[n]}", self.tenant):
-                                    holders.append(n)
-                            except Exception:
-                                holders.append(f"{n}?")
                         self.failures.append(
-                            f"{k!r}: {'missing' if v is None else 'wrong bytes'} [{self.phase}; held by {holders}; map {kv.cluster_map()}; "
+                            f"{k!r}: {'missing' if v is None else 'wrong bytes'} [{self.phase}; "
+                            f"held by {holders(self.cluster, self.tenant, k)}; map {kv.cluster_map()}; "
                             f"order {kv._client._view.read_order(self.tenant, 'default', k)}]"
                         )
         finally:

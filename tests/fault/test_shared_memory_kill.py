@@ -10,6 +10,7 @@ import time
 import pytest
 
 from kvstore.client import SyncClient
+from tests.fault.support import emptied_stats
 
 try:
     from kvstore import _native
@@ -77,15 +78,7 @@ def test_sigkilled_clients_leave_no_arena_space_and_no_mappings(daemon_process):
             time.sleep(0.1)
         assert not [line for line in client_mappings(daemon_pid) if any(t in line for t in tokens)]
         # And nothing they held stays allocated in the arena.
-        deadline = time.monotonic() + 10
-        while True:
-            for ns in kv.namespaces():
-                with SyncClient(proc.address, tenant=ns["tenant"], subtenant=ns["subtenant"]) as owner:
-                    owner.drop_namespace()
-            stats = kv.server_stats()
-            if stats["arena_used_bytes"] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        stats = emptied_stats(kv, proc.address)
         assert stats["tiers"]["memory"]["blocks"] == 0
         assert stats["arena_used_bytes"] == 0
     assert proc.proc.poll() is None
