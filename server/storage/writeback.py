@@ -88,9 +88,7 @@ class WriteBack:
             self.queued_bytes += entry.length
         self._last_added = now
         self._start(loop)
-        if self.delay == 0:
-            self._hurry = True
-        self._wake.set()
+        self._wake.set()  # with delay 0 the queue is due at once (_due_in)
 
     def hurry(self) -> None:
         """Write everything queued now (a put is waiting for arena room, or a flush)."""
