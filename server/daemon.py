@@ -90,7 +90,12 @@ class Daemon:
             raise ConfigError(f"listen: cannot bind {config.listen}: {exc}") from None
         if not config.node_id:
             config = self.config = config.replace(node_id=f"{socket.gethostname()}-{self.port}")
-        self.dataplane = DataPlane(self.store.memory.arena, config.ucx_tls, enabled=config.data_plane)
+        self.dataplane = DataPlane(
+            self.store.memory.arena,
+            config.ucx_tls,
+            enabled=config.data_plane,
+            others_waiting=lambda: self.metrics.requests_in_flight > 1,
+        )
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)
         await self._join_cluster()

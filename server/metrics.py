@@ -43,6 +43,12 @@ class Metrics:
         self.local_in_flight = Gauge(
             "kvstore_local_channel_calls_in_flight", "Local-channel calls being served", registry=r
         )
+        # Requests being served over every transport; the data plane reads it to
+        # know whether anything else waits for the event loop.
+        self.requests_in_flight = 0
+        Gauge(
+            "kvstore_requests_in_flight", "RPCs being served (gRPC and the local channel)", registry=r
+        ).set_function(lambda: self.requests_in_flight)
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

@@ -86,11 +86,19 @@ class Method:
         self.request_type = request_type
         self.handler = handler
         self.epoch = epoch  # callable giving the cluster map epoch, or None (not a Data method)
+        self._metrics = metrics
         self._requests = metrics.requests
         self._latency = metrics.latency.labels(label)
 
     async def run(self, raw: bytes, context) -> tuple[Message | bytes | None, grpc.StatusCode, errors.KVStoreError | None]:
         """(response, OK, None) or (None, status, error): a failure never escapes as an exception."""
+        self._metrics.requests_in_flight += 1
+        try:
+            return await self._serve(raw, context)
+        finally:
+            self._metrics.requests_in_flight -= 1
+
+    async def _serve(self, raw: bytes, context) -> tuple[Message | bytes | None, grpc.StatusCode, errors.KVStoreError | None]:
         started = time.perf_counter()
         try:
             request = parse_strict(self.request_type, raw)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 
 import pytest
 
@@ -454,3 +455,81 @@ async def test_a_flood_of_calls_is_served_a_bounded_number_at_a_time(own_daemon,
     assert sorted(answers) == list(range(1, count + 1))
     assert all(list(found) == [True, False] for found in answers.values())
     assert MAX_IN_FLIGHT // 2 <= peak <= MAX_IN_FLIGHT
+
+
+async def until(predicate, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still false after {seconds}s: {predicate}")
+
+
+async def test_requests_in_flight_counts_both_transports_and_every_ending(own_daemon, tenant):
+    """The daemon counts the requests it is serving over gRPC and the local channel
+    alike, and a call that fails or that its client gave up on is counted out."""
+    from prometheus_client import generate_latest
+
+    d = await own_daemon()
+    async with (
+        Client(d.address, tenant=tenant, transport="ucx") as local,
+        Client(d.address, tenant=tenant, local_channel=False) as remote,
+    ):
+        await local.put(b"a", b"1")
+        await remote.put(b"b", b"2")
+        assert conn_of(local).local is not None and conn_of(remote).local is None
+        held = hold(d, "Exists", 0.3)
+        calls = [asyncio.create_task(local.exists([b"a"])), asyncio.create_task(remote.exists([b"b"]))]
+        await until(lambda: d.metrics.requests_in_flight == 2)
+        assert "kvstore_requests_in_flight 2.0" in generate_latest(d.metrics.registry).decode()
+        assert await asyncio.gather(*calls) == [[True], [True]]
+        await until(lambda: d.metrics.requests_in_flight == 0)
+
+        ns = data_pb2.Namespace(tenant=tenant, subtenant="default")
+        with pytest.raises(errors.DeadlineExceededError):  # the client gives up: the daemon cancels the call
+            await local._node_call(node_of(local), "data", "Exists", data_pb2.KeysRequest(namespace=ns, keys=[b"c"]), 0.05)
+        await until(lambda: held["cancelled"] == 1)
+        bad = data_pb2.PutRequest(namespace=ns, durability=99)
+        assert isinstance(await failure(local, "Put", bad), errors.InvalidArgumentError)
+        await until(lambda: d.metrics.requests_in_flight == 0)
+    assert "kvstore_requests_in_flight 0.0" in generate_latest(d.metrics.registry).decode()
+
+
+async def test_a_copy_runs_on_the_event_loop_only_while_no_other_request_waits(own_daemon, tenant):
+    """A shared-memory copy too large to be always inline skips the thread hand-off
+    when its request is the only one being served, and is handed to a copy thread
+    when another request is being served meanwhile."""
+    from kvstore.server.dataplane import ALONE_INLINE_COPY_BYTES, INLINE_COPY_BYTES
+
+    d = await own_daemon()
+    native = d.dataplane._native
+    threads = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def copy_blocks(self, *args, **kwargs):
+            threads.append(threading.current_thread())
+            return native.copy_blocks(*args, **kwargs)
+
+    d.dataplane._native = Recording()
+    block = 2 << 20
+    count = 3
+    assert INLINE_COPY_BYTES < count * block <= ALONE_INLINE_COPY_BYTES
+    hold(d, "Exists", 0.5)
+    async with Client(d.address, tenant=tenant, transport="ucx", ucx_tls="shm,tcp") as kv:
+        with kv.allocate(count * block) as src, kv.allocate(count * block) as dst:
+            data = os.urandom(count * block)
+            src.buffer[:] = data
+            keys = [b"b%d" % i for i in range(count)]
+            offsets = [i * block for i in range(count)]
+            assert await kv.put_from(keys, src, offsets, [block] * count) == count
+            assert threads == [threading.current_thread()]  # the daemon's loop is this test's
+
+            waiting = asyncio.create_task(kv.exists([b"x"]))
+            await until(lambda: d.metrics.requests_in_flight == 1)
+            assert await kv.get_into(keys, dst, offsets, [block] * count) == [block] * count
+            assert await waiting == [False]
+            assert bytes(dst.buffer) == data
+    assert len(threads) == 2 and threads[1].name.startswith("kvstore-copy")
