@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeats", type=int,
-        help=f"runs of each limit case (memcpy, TCP); the best is kept (default {REPEATS}; {QUICK_REPEATS} with --quick)",
+        help=f"runs of every case (memcpy, TCP, kvstore and each peer); the best of each is kept (default {REPEATS}; "
+        f"{QUICK_REPEATS} with --quick)",
     )
     p.add_argument(
         "--output",
@@ -187,7 +188,7 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         notes.append(f"kvstore zero-copy rows: skipped: {no_zero_copy}")
     kv_cases = 2 * len(modes) + len(disk_modes)
     peer_cases = 2 * sum(1 for spec in peers if spec.reason is None)
-    total = plan.total_bytes(kv_cases, peer_cases) + plan.total_bytes(0, 0) * (repeats - 1)
+    total = plan.total_bytes(kv_cases, peer_cases) * repeats
     results = []
     daemon = None
     pool = None
@@ -201,16 +202,10 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 notes.append("kvstore: the daemon's memory tier was still being prefaulted when the cases began.")
             pool = WorkerPool(plan.processes, levels)
             try:
-                best = {}
-                for _ in range(repeats):
-                    for r in suite.run_limits(pool, plan, progress):
-                        key = (r.system, r.block_size, r.concurrency)
-                        if key not in best or r.seconds < best[key].seconds:
-                            best[key] = r
-                results += best.values()
+                results += suite.run_limits(pool, plan, progress, repeats=repeats)
                 kv_results, kv_notes, described = suite.run_kvstore(
                     pool, daemon.address, plan, progress, modes=modes, disk_modes=disk_modes,
-                    max_batch_bytes=max_batch_bytes, warm=not args.no_warmup,
+                    max_batch_bytes=max_batch_bytes, warm=not args.no_warmup, repeats=repeats,
                 )
                 results += kv_results
                 notes += kv_notes
@@ -236,7 +231,9 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         described = peer.describe()
                         pool = WorkerPool(plan.processes, levels)
                         try:
-                            peer_results, peer_notes = suite.run_peer(pool, peer, plan, progress, warm=not args.no_warmup)
+                            peer_results, peer_notes = suite.run_peer(
+                                pool, peer, plan, progress, warm=not args.no_warmup, repeats=repeats
+                            )
                         finally:
                             pool.shutdown()
                             pool = None

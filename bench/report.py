@@ -373,8 +373,11 @@ def render_sdk(info: dict, settings: dict, results: list[Result], notes: list[st
         "every byte is compared with what was put (after the timed calls; destinations zeroed before).",
         "- memcpy: each call copies the batch block by block between two prefaulted buffers (the ceiling of a "
         "co-located store, which must copy each block once). loopback TCP: one 127.0.0.1 connection per client "
-        "process, a sender thread streaming batches, `recv_into` a prefaulted buffer. "
-        f"Best of {settings['repeats']} runs each.",
+        "process, a sender thread streaming batches, `recv_into` a prefaulted buffer.",
+        f"- Every row is the best of {settings['repeats']} run{'s' if settings['repeats'] != 1 else ''} of its case "
+        "(the limits, kvstore and each peer alike; a kvstore run is a put, its get and its put (disk) from an empty "
+        "namespace, a peer run a put and its get): interference from the rest of the machine only ever slows a run "
+        "down. Latencies are those of the best run.",
         "- Each block size starts with one unmeasured call per kind of call and client. "
         + (
             "Each store (the daemon, each peer) first takes one unmeasured put of the largest case, removed "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from bench.kvstore_runner import MODES, SUBTENANT, TENANT, Admin
 from bench.limits import MEMCPY, TCP
-from bench.measure import BenchError, Result, calls_per_client
+from bench.measure import BenchError, Result, best_runs, calls_per_client
 from bench.progress import Progress
 from bench.report import rate, size_label
 from bench.workers import Case, WorkerPool
@@ -77,25 +77,34 @@ def warm_up(pool: WorkerPool, plan: Plan, system: str, tag: str, progress: Progr
     return pool.run(_case(plan, system, tag, "put", size, conc, "warm"))
 
 
-def run_limits(pool: WorkerPool, plan: Plan, progress: Progress) -> list[Result]:
+def run_limits(pool: WorkerPool, plan: Plan, progress: Progress, *, repeats: int = 1) -> list[Result]:
+    """memcpy and loopback TCP, each case the best of ``repeats`` runs."""
     results = []
     for kind, system, op in (("memcpy", MEMCPY, "copy"), ("tcp", TCP, "send")):
         pool.open({"kind": kind})
         for size in plan.sizes:
             pool.prepare(size, plan.batch, [plan.batch] * plan.processes)
             for conc in plan.levels:
-                progress.stage(f"{size_label(size)} ×{conc} {system}")
-                results.append(pool.run(_case(plan, system, kind, op, size, conc, op)))
-                progress.advance(plan.case_bytes(size, conc))
+                for run in runs(repeats):
+                    progress.stage(f"{size_label(size)} ×{conc} {system}{run}")
+                    results.append(pool.run(_case(plan, system, kind, op, size, conc, op)))
+                    progress.advance(plan.case_bytes(size, conc))
         pool.close_driver()
-    return results
+    return best_runs(results)
+
+
+def runs(repeats: int) -> list[str]:
+    """A progress suffix per run of a case ("" when it runs once)."""
+    return [""] if repeats == 1 else [f" (run {i + 1}/{repeats})" for i in range(repeats)]
 
 
 def run_kvstore(
     pool: WorkerPool, address: str, plan: Plan, progress: Progress, *, modes=("shm", "tcp", "inline"),
-    disk_modes=("shm",), max_batch_bytes: int | None = None, warm: bool = True,
+    disk_modes=("shm",), max_batch_bytes: int | None = None, warm: bool = True, repeats: int = 1,
 ) -> tuple[list[Result], list[str], dict]:
-    """Every kvstore case against the daemon at ``address``; (results, notes, client settings per mode)."""
+    """Every kvstore case against the daemon at ``address``, each the best of ``repeats`` runs
+    (a put, its get, then its put (disk), from an empty namespace each time); (results, notes,
+    client settings per mode)."""
     admin = Admin(address)
     admin.drop()
     results, notes, described = [], [], {}
@@ -117,38 +126,42 @@ def run_kvstore(
             label = size_label(size)
             pool.prepare(size, plan.batch, plan.dst_blocks(size))
             for conc in plan.levels:
-                before = admin.stats()
-                progress.stage(f"{label} ×{conc} {system} put")
-                put = pool.run(_case(plan, system, tag, "put", size, conc, "put"))
-                results.append(put)
-                progress.advance(plan.case_bytes(size, conc))
-                waited = admin.settle(before["tiers"]["disk"]["blocks"] + put.blocks)
-                if waited is None:
-                    notes.append(f"{label} ×{conc} {system} put: the write-back to disk had not finished "
-                                 "300 s after the last put; it overlapped the get case.")
-                elif waited > 1.0:
-                    notes.append(f"{label} ×{conc} {system} put: the write-back to disk of these \"memory\" puts "
-                                 f"finished {waited:.1f} s after the last one (waited for, outside the timings).")
-                progress.stage(f"{label} ×{conc} {system} get")
-                results.append(pool.run(_case(plan, system, tag, "get", size, conc, "put")))
-                progress.advance(plan.case_bytes(size, conc))
-                after = admin.stats()
-                evicted = after["evictions"] - before["evictions"]
-                if evicted:
-                    notes.append(f"{label} ×{conc} {system} get: {evicted} blocks were evicted from the memory tier "
-                                 "during the put/get cases, so some gets read from disk.")
-                if mode in disk_modes:
-                    progress.stage(f"{label} ×{conc} {system} put (disk)")
-                    results.append(pool.run(_case(plan, system, tag, "put (disk)", size, conc, "disk", "disk")))
+                for run in runs(repeats):
+                    before = admin.stats()
+                    progress.stage(f"{label} ×{conc} {system} put{run}")
+                    put = pool.run(_case(plan, system, tag, "put", size, conc, "put"))
+                    results.append(put)
                     progress.advance(plan.case_bytes(size, conc))
-                    os.sync()
-                admin.drop()  # each case starts from an empty namespace
+                    waited = admin.settle(before["tiers"]["disk"]["blocks"] + put.blocks)
+                    if waited is None:
+                        notes.append(f"{label} ×{conc} {system} put: the write-back to disk had not finished "
+                                     "300 s after the last put; it overlapped the get case.")
+                    elif waited > 1.0:
+                        notes.append(f"{label} ×{conc} {system} put: the write-back to disk of these \"memory\" puts "
+                                     f"finished {waited:.1f} s after the last one (waited for, outside the timings).")
+                    progress.stage(f"{label} ×{conc} {system} get{run}")
+                    results.append(pool.run(_case(plan, system, tag, "get", size, conc, "put")))
+                    progress.advance(plan.case_bytes(size, conc))
+                    after = admin.stats()
+                    evicted = after["evictions"] - before["evictions"]
+                    if evicted:
+                        notes.append(f"{label} ×{conc} {system} get: {evicted} blocks were evicted from the memory tier "
+                                     "during the put/get cases, so some gets read from disk.")
+                    if mode in disk_modes:
+                        progress.stage(f"{label} ×{conc} {system} put (disk){run}")
+                        results.append(pool.run(_case(plan, system, tag, "put (disk)", size, conc, "disk", "disk")))
+                        progress.advance(plan.case_bytes(size, conc))
+                        os.sync()
+                    admin.drop()  # each case starts from an empty namespace
         pool.close_driver()
-    return results, notes, described
+    return best_runs(results), list(dict.fromkeys(notes)), described
 
 
-def run_peer(pool: WorkerPool, peer, plan: Plan, progress: Progress, *, warm: bool = True) -> tuple[list[Result], list[str]]:
-    """Put and get through ``peer`` (started: its servers run) from the pool's processes."""
+def run_peer(
+    pool: WorkerPool, peer, plan: Plan, progress: Progress, *, warm: bool = True, repeats: int = 1
+) -> tuple[list[Result], list[str]]:
+    """Put and get through ``peer`` (started: its servers run) from the pool's processes, each case
+    the best of ``repeats`` runs."""
     levels = [c for c in plan.levels if peer.max_clients is None or c <= peer.max_clients]
     notes = []
     skipped = [c for c in plan.levels if c not in levels]
@@ -173,14 +186,15 @@ def run_peer(pool: WorkerPool, peer, plan: Plan, progress: Progress, *, warm: bo
             label = size_label(size)
             pool.prepare(size, plan.batch, plan.dst_blocks(size, levels))
             for conc in levels:
-                for op in ("put", "get"):
-                    progress.stage(f"{label} ×{conc} {peer.name} {op}")
-                    results.append(pool.run(_case(plan, peer.name, tag, op, size, conc, "put")))
-                    progress.advance(plan.case_bytes(size, conc))
-                peer.clear()
+                for run in runs(repeats):
+                    for op in ("put", "get"):
+                        progress.stage(f"{label} ×{conc} {peer.name} {op}{run}")
+                        results.append(pool.run(_case(plan, peer.name, tag, op, size, conc, "put")))
+                        progress.advance(plan.case_bytes(size, conc))
+                    peer.clear()
     finally:
         pool.close_driver()
-    return results, notes
+    return best_runs(results), notes
 
 
 def check_sizes(plan: Plan, daemon_memory: int) -> None:

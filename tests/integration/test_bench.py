@@ -63,3 +63,14 @@ def test_bench_rejects_bad_arguments(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--quick", "--no-progress", "--output", str(tmp_path / "r.md"), *argv])
     assert exc.value.code == 2
+
+
+def test_every_row_is_the_best_of_its_repeats(tmp_path):
+    out = tmp_path / "r.md"
+    argv = ["--quick", "--sizes", "64KiB", "--concurrency", "1", "--repeats", "2", "--no-progress", "--peers", "none"]
+    assert main([*argv, "--output", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    cases = [(r["system"], r["op"], r["concurrency"], r["block_size"]) for r in data["results"]]
+    assert len(cases) == len(set(cases)) >= 4  # one row per case, not one per run
+    assert data["settings"]["repeats"] == 2
+    assert "best of 2 runs of its case" in out.read_text()

@@ -3,7 +3,7 @@ and a target above what the machine itself moves on that path reported as such."
 
 from __future__ import annotations
 
-from bench.measure import GB, Result
+from bench.measure import GB, Result, best_runs
 from bench.report import MEMCPY, TCP, Index, targets
 
 MIB = 1 << 20
@@ -49,3 +49,20 @@ def test_a_reachable_target_that_is_missed_stays_a_miss():
 def test_a_reference_that_did_not_run_is_not_a_verdict():
     got = checks([row("kvstore zero-copy (shm)", "put", 5.0)])
     assert {t["verdict"] for t in got.values()} == {"n/a"}
+
+
+def test_every_case_keeps_its_fastest_run_in_first_run_order():
+    runs = [
+        row(MEMCPY, "copy", 12.0), row("kvstore zero-copy (shm)", "put", 9.0),
+        row(MEMCPY, "copy", 20.0), row("kvstore zero-copy (shm)", "put", 8.0),
+        row("kvstore zero-copy (shm)", "put", 11.0), row("redis", "put", 1.0),
+    ]
+    four = Result("redis put", MIB, 1024, 1024 * MIB / (3.0 * GB), system="redis", op="put", concurrency=4)
+    kept = best_runs([*runs, four])
+    assert [(r.system, r.op, r.concurrency, round(r.gbps, 6)) for r in kept] == [
+        (MEMCPY, "copy", 1, 20.0),
+        ("kvstore zero-copy (shm)", "put", 1, 11.0),
+        ("redis", "put", 1, 1.0),
+        ("redis", "put", 4, 3.0),  # another client count is another case
+    ]
+    assert best_runs([]) == []
