@@ -81,6 +81,9 @@ async def _send_all(call: Call, batches: dict[str, list[int]], send: Send) -> li
             except errors.KVStoreError as exc:
                 return node, positions, exc
 
+    if len(batches) == 1:  # one node (a cluster of one, mostly): no task to create and schedule
+        ((node, positions),) = batches.items()
+        return [await one(node, positions)]
     return await asyncio.gather(*(one(node, positions) for node, positions in batches.items()))
 
 
@@ -167,7 +170,10 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
     orders = [call.down.prefer_up(order) for order, _, _ in plans]
     limits = [asked for _, asked, _ in plans]
     cursor = [0] * count
-    failed = [any(call.down.is_down(n) for n in order[:asked]) for order, asked, _ in plans]
+    if call.down.any_marked():
+        failed = [any(call.down.is_down(n) for n in order[:asked]) for order, asked, _ in plans]
+    else:
+        failed = [False] * count
     done = [False] * count
     values: list[Any] = [None] * count
     missed: list[list[str]] = [[] for _ in range(count)]

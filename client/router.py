@@ -121,6 +121,10 @@ class DownNodes:
     def clear(self, node: str) -> None:
         self._until.pop(node, None)
 
+    def any_marked(self) -> bool:
+        """False when no node is down (True may include holds that just expired)."""
+        return bool(self._until)
+
     def is_down(self, node: str) -> bool:
         until = self._until.get(node)
         if until is None:
@@ -133,5 +137,7 @@ class DownNodes:
     def prefer_up(self, nodes: list[str]) -> list[str]:
         """``nodes`` with the down ones moved to the end, so that the next up
         nodes of the ring stand in for them."""
+        if not self.any_marked():  # the usual case: nothing failed lately
+            return nodes
         up = [n for n in nodes if not self.is_down(n)]
         return up + [n for n in nodes if n not in up]

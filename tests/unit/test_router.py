@@ -3,8 +3,10 @@ read, as the daemons' ring places them."""
 
 from __future__ import annotations
 
+import time
+
 from kvstore._proto.v1 import cluster_pb2, data_pb2
-from kvstore.client.router import STAND_INS, ClusterView, Replication
+from kvstore.client.router import STAND_INS, ClusterView, DownNodes, Replication
 from kvstore.ring import Ring
 
 KEYS = [b"key-%d" % i for i in range(200)]
@@ -57,3 +59,19 @@ def test_namespace_policies_override_the_default_and_are_capped_by_the_cluster_s
     assert view.replication("t", "wide") == Replication(3, 3)
     assert view.replication("t", "two") is view.replication("t", "two")  # computed once per namespace
     assert view.write_order("t", "wide", b"k")[1] == 3
+
+
+def test_down_nodes_move_to_the_end_for_their_hold_only():
+    down = DownNodes(hold=0.05)
+    nodes = ["a", "b", "c"]
+    assert not down.any_marked() and down.prefer_up(nodes) == nodes
+    down.mark("a")
+    assert down.any_marked() and down.is_down("a") and not down.is_down("b")
+    assert down.prefer_up(nodes) == ["b", "c", "a"]
+    assert nodes == ["a", "b", "c"]  # the caller's list is left alone
+    time.sleep(0.06)
+    assert down.prefer_up(nodes) == nodes  # the hold expired
+    assert not down.any_marked()  # and was forgotten on the way
+    down.mark("b")
+    down.clear("b")
+    assert not down.any_marked() and down.prefer_up(nodes) == nodes
