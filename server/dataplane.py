@@ -42,7 +42,8 @@ log = logging.getLogger("kvstore.server.dataplane")
 RKEYS_PER_CLIENT = 64  # unpacked remote keys cached per client (one per registered region)
 SHARED_PER_CLIENT = 64  # shared-memory regions mapped per client
 COPY_THREADS = 4  # concurrent shared-memory copies (each may use 2 threads when large)
-PARALLEL_COPY_BYTES = 8 << 20  # a batch this large is copied by 2 threads
+PARALLEL_COPY_BYTES = 8 << 20  # a batch this large is copied by 2 threads, while the copies leave a core for each
+CPUS = os.cpu_count() or 1
 INLINE_COPY_BYTES = 4 << 20  # a batch this small is copied on the event loop (<~0.3 ms): quicker than a thread hop
 # ... and one this small too while no other request is being served: handing a
 # copy to a thread and waking the loop when it ends costs ~0.25 ms per call,
@@ -90,6 +91,7 @@ class DataPlane:
     ) -> None:
         self.tls = tls or ""
         self._others_waiting = others_waiting  # whether other requests are being served meanwhile
+        self._copying = 0  # shared-memory copies under way (read and written on the event loop only)
         self.sessions: dict[str, ClientSession] = {}
         self.enabled = False
         self.reason = ""
@@ -256,11 +258,13 @@ class DataPlane:
         if destination is None or source is None:
             raise errors.UnavailableError("the client's shared memory was released", code="TRANSFER_FAILED")
         total = sum(sizes)
-        threads = 2 if total >= PARALLEL_COPY_BYTES else 1
+        # More copy threads than cores only slow every copy down.
+        threads = 2 if total >= PARALLEL_COPY_BYTES and 2 * (self._copying + 1) <= CPUS else 1
 
         def copy() -> list[int]:
             return self._native.copy_blocks(destination, destination_offsets, source, source_offsets, sizes, threads=threads)
 
+        self._copying += 1
         try:
             if total <= INLINE_COPY_BYTES or (total <= ALONE_INLINE_COPY_BYTES and not self._others_waiting()):
                 return copy()
@@ -273,6 +277,8 @@ class DataPlane:
             raise errors.InvalidArgumentError(
                 f"a block lies outside the client's shared memory: {exc.message}", index=exc.index
             ) from None
+        finally:
+            self._copying -= 1
 
     async def read_from_client(self, session, rkey, arena_offsets, remote_addresses, sizes) -> None:
         """RMA-read client bytes into arena extents."""
