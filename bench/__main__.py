@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench import cluster, plot, report, ring, storage, suite
 from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, Daemon
-from bench.measure import BenchError
+from bench.measure import BenchError, best_runs
 from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers
 from bench.progress import Progress
 from bench.workers import WorkerPool
@@ -194,31 +194,42 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     pool = None
     try:
         with Progress(total, enabled=not args.no_progress) as progress:
-            # The daemon starts first so that a bad setting fails the run at once; it idles during the limits.
-            progress.stage("starting kvstore-server and client processes")
-            daemon = Daemon(data_dir, memory, extra_args=("--ucx-tls", DAEMON_UCX_TLS)).start()
-            progress.stage("waiting for kvstore-server to prefault its memory tier")
-            if Admin(daemon.address).wait_resident() is None:
-                notes.append("kvstore: the daemon's memory tier was still being prefaulted when the cases began.")
-            pool = WorkerPool(plan.processes, levels)
-            try:
-                results += suite.run_limits(pool, plan, progress, repeats=repeats)
-                kv_results, kv_notes, described = suite.run_kvstore(
-                    pool, daemon.address, plan, progress, modes=modes, disk_modes=disk_modes,
-                    max_batch_bytes=max_batch_bytes, warm=not args.no_warmup, repeats=repeats,
-                )
-                results += kv_results
-                notes += kv_notes
-                settings["kvstore_clients"] = described
-                stats = Admin(daemon.address).stats()
-                settings["daemon_data_plane"] = stats["data_plane"]
-            except (KVStoreError, BenchError) as exc:
-                raise BenchError(f"{exc}\n--- kvstore-server log ---\n{daemon.log_tail()}") from exc
-            finally:
-                progress.stage("stopping kvstore-server")
-                pool.shutdown()
-                pool = None
-                settings["daemon_exit_status"] = daemon.stop()
+            kv_results = []
+            settings["daemon_exit_status"] = 0
+            for number, run in enumerate(suite.runs(repeats)):
+                # A fresh daemon and data directory for each run of the kvstore cases: a daemon does
+                # not reclaim the disk space of dropped blocks, and each run writes gigabytes back.
+                run_dir = data_dir / f"run-{number + 1}"
+                # The daemon starts first so that a bad setting fails the run at once; it idles during the limits.
+                progress.stage(f"starting kvstore-server and client processes{run}")
+                daemon = Daemon(run_dir, memory, extra_args=("--ucx-tls", DAEMON_UCX_TLS)).start()
+                progress.stage(f"waiting for kvstore-server to prefault its memory tier{run}")
+                if Admin(daemon.address).wait_resident() is None:
+                    notes.append("kvstore: the daemon's memory tier was still being prefaulted when the cases began.")
+                pool = WorkerPool(plan.processes, levels)
+                try:
+                    if number == 0:
+                        results += suite.run_limits(pool, plan, progress, repeats=repeats)
+                    run_results, run_notes, described = suite.run_kvstore(
+                        pool, daemon.address, plan, progress, modes=modes, disk_modes=disk_modes,
+                        max_batch_bytes=max_batch_bytes, warm=not args.no_warmup,
+                    )
+                    kv_results += run_results
+                    notes += run_notes
+                    settings["kvstore_clients"] = described
+                    stats = Admin(daemon.address).stats()
+                    settings["daemon_data_plane"] = stats["data_plane"]
+                except (KVStoreError, BenchError) as exc:
+                    raise BenchError(f"{exc}\n--- kvstore-server log ---\n{daemon.log_tail()}") from exc
+                finally:
+                    progress.stage(f"stopping kvstore-server{run}")
+                    pool.shutdown()
+                    pool = None
+                    status = daemon.stop()
+                    settings["daemon_exit_status"] = settings["daemon_exit_status"] or status
+                    shutil.rmtree(run_dir, ignore_errors=True)
+            results += best_runs(kv_results)
+            notes = list(dict.fromkeys(notes))
             # Peers run after the daemon has stopped, each alone on the machine with fresh client
             # processes; one that fails is noted, not fatal.
             for spec in peers:

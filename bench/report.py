@@ -375,9 +375,9 @@ def render_sdk(info: dict, settings: dict, results: list[Result], notes: list[st
         "co-located store, which must copy each block once). loopback TCP: one 127.0.0.1 connection per client "
         "process, a sender thread streaming batches, `recv_into` a prefaulted buffer.",
         f"- Every row is the best of {settings['repeats']} run{'s' if settings['repeats'] != 1 else ''} of its case "
-        "(the limits, kvstore and each peer alike; a kvstore run is a put, its get and its put (disk) from an empty "
-        "namespace, a peer run a put and its get): interference from the rest of the machine only ever slows a run "
-        "down. Latencies are those of the best run.",
+        "(the limits, kvstore and each peer alike; each run of the kvstore cases has a freshly started daemon "
+        "and data directory, a peer's run is a put and its get): interference from the rest of the machine only "
+        "ever slows a run down. Latencies are those of the best run.",
         "- Each block size starts with one unmeasured call per kind of call and client. "
         + (
             "Each store (the daemon, each peer) first takes one unmeasured put of the largest case, removed "

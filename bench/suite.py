@@ -100,11 +100,9 @@ def runs(repeats: int) -> list[str]:
 
 def run_kvstore(
     pool: WorkerPool, address: str, plan: Plan, progress: Progress, *, modes=("shm", "tcp", "inline"),
-    disk_modes=("shm",), max_batch_bytes: int | None = None, warm: bool = True, repeats: int = 1,
+    disk_modes=("shm",), max_batch_bytes: int | None = None, warm: bool = True,
 ) -> tuple[list[Result], list[str], dict]:
-    """Every kvstore case against the daemon at ``address``, each the best of ``repeats`` runs
-    (a put, its get, then its put (disk), from an empty namespace each time); (results, notes,
-    client settings per mode)."""
+    """Every kvstore case against the daemon at ``address`` once; (results, notes, client settings per mode)."""
     admin = Admin(address)
     admin.drop()
     results, notes, described = [], [], {}
@@ -126,35 +124,34 @@ def run_kvstore(
             label = size_label(size)
             pool.prepare(size, plan.batch, plan.dst_blocks(size))
             for conc in plan.levels:
-                for run in runs(repeats):
-                    before = admin.stats()
-                    progress.stage(f"{label} ×{conc} {system} put{run}")
-                    put = pool.run(_case(plan, system, tag, "put", size, conc, "put"))
-                    results.append(put)
+                before = admin.stats()
+                progress.stage(f"{label} ×{conc} {system} put")
+                put = pool.run(_case(plan, system, tag, "put", size, conc, "put"))
+                results.append(put)
+                progress.advance(plan.case_bytes(size, conc))
+                waited = admin.settle(before["tiers"]["disk"]["blocks"] + put.blocks)
+                if waited is None:
+                    notes.append(f"{label} ×{conc} {system} put: the write-back to disk had not finished "
+                                 "300 s after the last put; it overlapped the get case.")
+                elif waited > 1.0:
+                    notes.append(f"{label} ×{conc} {system} put: the write-back to disk of these \"memory\" puts "
+                                 f"finished {waited:.1f} s after the last one (waited for, outside the timings).")
+                progress.stage(f"{label} ×{conc} {system} get")
+                results.append(pool.run(_case(plan, system, tag, "get", size, conc, "put")))
+                progress.advance(plan.case_bytes(size, conc))
+                after = admin.stats()
+                evicted = after["evictions"] - before["evictions"]
+                if evicted:
+                    notes.append(f"{label} ×{conc} {system} get: {evicted} blocks were evicted from the memory tier "
+                                 "during the put/get cases, so some gets read from disk.")
+                if mode in disk_modes:
+                    progress.stage(f"{label} ×{conc} {system} put (disk)")
+                    results.append(pool.run(_case(plan, system, tag, "put (disk)", size, conc, "disk", "disk")))
                     progress.advance(plan.case_bytes(size, conc))
-                    waited = admin.settle(before["tiers"]["disk"]["blocks"] + put.blocks)
-                    if waited is None:
-                        notes.append(f"{label} ×{conc} {system} put: the write-back to disk had not finished "
-                                     "300 s after the last put; it overlapped the get case.")
-                    elif waited > 1.0:
-                        notes.append(f"{label} ×{conc} {system} put: the write-back to disk of these \"memory\" puts "
-                                     f"finished {waited:.1f} s after the last one (waited for, outside the timings).")
-                    progress.stage(f"{label} ×{conc} {system} get{run}")
-                    results.append(pool.run(_case(plan, system, tag, "get", size, conc, "put")))
-                    progress.advance(plan.case_bytes(size, conc))
-                    after = admin.stats()
-                    evicted = after["evictions"] - before["evictions"]
-                    if evicted:
-                        notes.append(f"{label} ×{conc} {system} get: {evicted} blocks were evicted from the memory tier "
-                                     "during the put/get cases, so some gets read from disk.")
-                    if mode in disk_modes:
-                        progress.stage(f"{label} ×{conc} {system} put (disk){run}")
-                        results.append(pool.run(_case(plan, system, tag, "put (disk)", size, conc, "disk", "disk")))
-                        progress.advance(plan.case_bytes(size, conc))
-                        os.sync()
-                    admin.drop()  # each case starts from an empty namespace
+                    os.sync()
+                admin.drop()  # each case starts from an empty namespace
         pool.close_driver()
-    return best_runs(results), list(dict.fromkeys(notes)), described
+    return results, notes, described
 
 
 def run_peer(

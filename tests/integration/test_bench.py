@@ -68,7 +68,10 @@ def test_bench_rejects_bad_arguments(argv, tmp_path):
 def test_every_row_is_the_best_of_its_repeats(tmp_path):
     out = tmp_path / "r.md"
     argv = ["--quick", "--sizes", "64KiB", "--concurrency", "1", "--repeats", "2", "--no-progress", "--peers", "none"]
-    assert main([*argv, "--output", str(out)]) == 0
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    assert main([*argv, "--output", str(out), "--data-dir", str(data_dir)]) == 0
+    assert list(data_dir.iterdir()) == []  # each run's daemon and data directory were removed after it
     data = json.loads(out.with_suffix(".json").read_text())
     cases = [(r["system"], r["op"], r["concurrency"], r["block_size"]) for r in data["results"]]
     assert len(cases) == len(set(cases)) >= 4  # one row per case, not one per run
