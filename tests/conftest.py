@@ -170,6 +170,16 @@ def kvstore_cli(*args: str, input: bytes | None = None, env: dict | None = None)
     )
 
 
+async def wait_for(predicate, timeout: float = 10.0, what: str = "") -> float:
+    """Poll ``predicate`` on the running loop until true; the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout}s: {what or predicate}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     return free_ports(1)[0]

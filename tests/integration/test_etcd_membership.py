@@ -16,6 +16,7 @@ from aetcd import rpc
 from kvstore.errors import InvalidArgumentError, UnavailableError
 from kvstore.server.cluster.etcd import Backoff, EtcdMembership
 from kvstore.server.cluster.membership import Member, MemberList
+from tests.conftest import wait_for
 from tests.etcd_server import etcd_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,16 +46,6 @@ class Node:
     @property
     def ids(self) -> tuple[str, ...]:
         return self.current.node_ids
-
-
-async def wait_for(predicate, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def agreed(nodes, ids) -> bool:

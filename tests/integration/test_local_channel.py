@@ -19,6 +19,7 @@ from kvstore.client.config import ClientConfig
 from kvstore.client.local import NO_EPOCH, PREAMBLE, REQUEST, RESPONSE, socket_address
 from kvstore.server.config import ServerConfig
 from kvstore.server.daemon import Daemon
+from tests.conftest import wait_for
 
 try:
     from kvstore import _native
@@ -284,16 +285,10 @@ async def test_a_client_gone_mid_request_leaks_nothing(own_daemon, tenant):
     reader, writer = await asyncio.open_unix_connection(socket_address(name))
     writer.write(PREAMBLE + REQUEST.pack(REQUEST.size - 4 + 6 + len(request), 1, NO_EPOCH, 0.0, 6) + b"Exists" + request)
     await writer.drain()
-    for _ in range(100):
-        if state["started"]:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: state["started"], 2)
     assert state["started"] == 1 and len(d.local.connections) == 1
     writer.close()
-    for _ in range(100):
-        if not d.local.connections and state["cancelled"]:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: not d.local.connections and state["cancelled"], 2)
     assert state["cancelled"] == 1 and not d.local.connections
 
 
@@ -457,14 +452,6 @@ async def test_a_flood_of_calls_is_served_a_bounded_number_at_a_time(own_daemon,
     assert MAX_IN_FLIGHT // 2 <= peak <= MAX_IN_FLIGHT
 
 
-async def until(predicate, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"still false after {seconds}s: {predicate}")
-
-
 async def test_requests_in_flight_counts_both_transports_and_every_ending(own_daemon, tenant):
     """The daemon counts the requests it is serving over gRPC and the local channel
     alike, and a call that fails or that its client gave up on is counted out."""
@@ -480,18 +467,18 @@ async def test_requests_in_flight_counts_both_transports_and_every_ending(own_da
         assert conn_of(local).local is not None and conn_of(remote).local is None
         held = hold(d, "Exists", 0.3)
         calls = [asyncio.create_task(local.exists([b"a"])), asyncio.create_task(remote.exists([b"b"]))]
-        await until(lambda: d.metrics.requests_in_flight == 2)
+        await wait_for(lambda: d.metrics.requests_in_flight == 2)
         assert "kvstore_requests_in_flight 2.0" in generate_latest(d.metrics.registry).decode()
         assert await asyncio.gather(*calls) == [[True], [True]]
-        await until(lambda: d.metrics.requests_in_flight == 0)
+        await wait_for(lambda: d.metrics.requests_in_flight == 0)
 
         ns = data_pb2.Namespace(tenant=tenant, subtenant="default")
         with pytest.raises(errors.DeadlineExceededError):  # the client gives up: the daemon cancels the call
             await local._node_call(node_of(local), "data", "Exists", data_pb2.KeysRequest(namespace=ns, keys=[b"c"]), 0.05)
-        await until(lambda: held["cancelled"] == 1)
+        await wait_for(lambda: held["cancelled"] == 1)
         bad = data_pb2.PutRequest(namespace=ns, durability=99)
         assert isinstance(await failure(local, "Put", bad), errors.InvalidArgumentError)
-        await until(lambda: d.metrics.requests_in_flight == 0)
+        await wait_for(lambda: d.metrics.requests_in_flight == 0)
     assert "kvstore_requests_in_flight 0.0" in generate_latest(d.metrics.registry).decode()
 
 
@@ -528,7 +515,7 @@ async def test_a_copy_runs_on_the_event_loop_only_while_no_other_request_waits(o
             assert threads == [threading.current_thread()]  # the daemon's loop is this test's
 
             waiting = asyncio.create_task(kv.exists([b"x"]))
-            await until(lambda: d.metrics.requests_in_flight == 1)
+            await wait_for(lambda: d.metrics.requests_in_flight == 1)
             assert await kv.get_into(keys, dst, offsets, [block] * count) == [block] * count
             assert await waiting == [False]
             assert bytes(dst.buffer) == data

@@ -13,6 +13,7 @@ import pytest
 from kvstore.checksum import checksum
 from kvstore.namespace import Namespace
 from kvstore.server.storage.store import BlockIn, BlockStore
+from tests.conftest import wait_for
 
 NS = Namespace("t", "s")
 
@@ -44,16 +45,6 @@ async def stores(tmp_path):
     yield make
     for store in made:
         await store.close()
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> float:
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    while not predicate():
-        if loop.time() - began > timeout:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.005)
-    return loop.time() - began
 
 
 async def test_a_stream_of_puts_is_written_back_when_it_pauses(stores):
