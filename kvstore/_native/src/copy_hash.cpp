@@ -25,6 +25,12 @@
 #define XXH_INLINE_ALL
 #include "third_party/xxhash/xxhash.h"
 
+// The long-input path below is built from xxHash internals (XXH3_kSecret, the
+// per-target stripe accumulators, XXH3_mergeAccs), which are not API and may
+// change between releases: this code is written against exactly the vendored
+// v0.8.2 (third_party/xxhash/VERSION), so a different header fails to build.
+static_assert(XXH_VERSION_NUMBER == 802, "copy_hash.cpp relies on the internals of xxHash v0.8.2");
+
 namespace kvstore::native::detail {
 
 namespace {
