@@ -79,6 +79,29 @@ def wait_for_placement(cluster, tenant: str, keys, replicas: int, timeout: float
         time.sleep(0.5)
 
 
+def settled_stats(kv: SyncClient, timeout: float = 60.0) -> dict[str, dict]:
+    """cluster_stats() by node once every daemon is idle at its map's epoch and
+    its last pass moved nothing (with a short --rebalance-interval a pass can
+    be under way at any one moment, so one sample is not enough)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = {s["node_id"]: s for s in kv.cluster_stats()}
+        unsettled = {
+            node: s.get("rebalance", s.get("error"))
+            for node, s in stats.items()
+            if not s["up"]
+            or s["rebalance"]["state"] != "idle"
+            or s["rebalance"]["epoch"] != s["cluster"]["epoch"]
+            or s["rebalance"]["keys_copied"]
+            or s["rebalance"]["keys_dropped"]
+        }
+        if not unsettled:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rebalancing did not settle within {timeout}s: {unsettled}")
+        time.sleep(0.2)
+
+
 class Readers:
     """A thread reading acknowledged blocks back the whole time, byte-exact."""
 
@@ -145,7 +168,7 @@ def test_join_and_leave_move_blocks_and_keep_every_block_readable(local_cluster,
     assert readers.reads > 0
     kv = SyncClient(cluster.endpoints, tenant=tenant)
     try:
-        stats = {s["node_id"]: s for s in kv.cluster_stats()}
+        stats = settled_stats(kv)
         assert set(stats) == {"node1", "node3", "node4"}
         assert len({s["cluster"]["epoch"] for s in stats.values()}) == 1
         assert {s["rebalance"]["state"] for s in stats.values()} == {"idle"}
