@@ -2,7 +2,6 @@
 nodes and R=2 on 3, each stopped and its data removed; a table with every row."""
 
 import json
-import time
 
 import pytest
 
@@ -13,10 +12,8 @@ from bench.__main__ import main
 def test_bench_cluster_quick_form(tmp_path):
     out = tmp_path / "cluster.md"
     data_parent = tmp_path / "data"
-    began = time.monotonic()
     argv = ["cluster", "--quick", "--volume", "1MiB", "--no-progress", "--dir", str(data_parent), "--output", str(out)]
     assert main(argv) == 0
-    elapsed = time.monotonic() - began
     table = out.read_text()
     data = json.loads(out.with_suffix(".json").read_text())
 
@@ -45,4 +42,3 @@ def test_bench_cluster_quick_form(tmp_path):
 
     # Every configuration's data dirs are gone.
     assert not any(data_parent.iterdir())
-    assert elapsed < 60, f"the quick form took {elapsed:.0f} s"
