@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 
 from kvstore.client import SyncClient
 
@@ -20,3 +22,12 @@ def emptied_stats(kv: SyncClient, address: str, timeout: float = 10) -> dict:
         if stats["arena_used_bytes"] == 0 or time.monotonic() > deadline:
             return stats
         time.sleep(0.2)
+
+
+def metric(port: int, name: str) -> float:
+    """The value of the unlabelled metric ``name`` on the /metrics endpoint at ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{re.escape(name)}(?:\{{\}})? (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} is not on the metrics endpoint:\n{text[:2000]}"
+    return float(match.group(1))

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 from kvstore.client import SyncClient
 from kvstore.namespace import Namespace
 from tests.conftest import free_port, kvstore_cli
+from tests.fault.support import metric
 
 MAGIC = b"KVB1"
 # Record header, little endian: magic 4s | key length u16 | flags u16 | value length u64 |
@@ -57,14 +56,6 @@ def flip(path: Path, offset: int) -> None:
         assert len(byte) == 1
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{re.escape(name)}(?:\{{\}})? (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} is not on the metrics endpoint:\n{text[:2000]}"
-    return float(match.group(1))
 
 
 def recognizable(rng: random.Random, key: bytes, size: int) -> bytes:
