@@ -27,9 +27,11 @@ from kvstore.client.batching import by_count, by_count_and_bytes
 from kvstore.client.config import ClientConfig, Deadline, RetryPolicy
 from kvstore.client.regions import MemoryRegion, StagingPool, allocate_region, shared_memory_allowed
 from kvstore.client.router import ClusterView, DownNodes
-from kvstore.client.transport import Connection, translate
+from kvstore.client.transport import Connection
+from kvstore.protocol.status import error_from_rpc
 from kvstore.extents import ExtentAllocator
 from kvstore.namespace import validate_key
+from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.client")
 
@@ -47,7 +49,7 @@ def _durability(value) -> int:
     if isinstance(value, str) and value.lower() in DURABILITY:
         return DURABILITY[value.lower()]
     raise errors.InvalidArgumentError(
-        f"durability {value!r} is unknown; use 'memory', 'disk' or 'sync'", code="UNKNOWN_DURABILITY"
+        f"durability {value!r} is unknown; use 'memory', 'disk' or 'sync'", code=ErrorCode.UNKNOWN_DURABILITY
     )
 
 
@@ -147,7 +149,7 @@ class Client:
         if self._view is not None:
             return
         if self._closed:
-            raise errors.UnavailableError("the client is closed", code="SHUTTING_DOWN")
+            raise errors.UnavailableError("the client is closed", code=ErrorCode.SHUTTING_DOWN)
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
@@ -172,7 +174,7 @@ class Client:
             assert last is not None
             raise errors.UnavailableError(
                 f"no kvstore daemon reachable at {', '.join(self.config.endpoints)}: {last.message}",
-                code="ERROR_CODE_UNSPECIFIED",
+                code=ErrorCode.ERROR_CODE_UNSPECIFIED,
             ) from last
 
     async def close(self) -> None:
@@ -208,7 +210,7 @@ class Client:
                 self._plane_error = reason
                 if self.config.transport == "ucx":
                     raise errors.UnavailableError(
-                        f"transport 'ucx' asked for, but {reason}", code="DATA_PLANE_UNAVAILABLE"
+                        f"transport 'ucx' asked for, but {reason}", code=ErrorCode.DATA_PLANE_UNAVAILABLE
                     )
                 return None
             context = _native.Context(self.config.ucx_tls or None)
@@ -232,7 +234,7 @@ class Client:
         if self.config.transport == "ucx" and not conn.zero_copy:
             raise errors.UnavailableError(
                 f"transport 'ucx' asked for, but the daemon at {conn.endpoint} has no zero-copy data plane",
-                code="DATA_PLANE_UNAVAILABLE",
+                code=ErrorCode.DATA_PLANE_UNAVAILABLE,
             )
         if conn.zero_copy and self._staging is None:
             self._staging = StagingPool(self.allocate(self.config.staging_bytes))
@@ -355,7 +357,7 @@ class Client:
     async def _node_call(self, node: str, service: str, method: str, request, timeout: float):
         """Send one RPC to ``node``; KVStoreError on failure."""
         if self._closed:
-            raise errors.UnavailableError("the client is closed", code="SHUTTING_DOWN")
+            raise errors.UnavailableError("the client is closed", code=ErrorCode.SHUTTING_DOWN)
         conn = self._connection(self._view.addresses[node])
         if conn.hello is None:
             await self._handshake(conn, timeout, seen=conn.generation)
@@ -372,7 +374,7 @@ class Client:
                 pending = getattr(getattr(conn, service), method)(request, timeout=timeout, metadata=metadata)
                 response = await pending
             except grpc.RpcError as exc:
-                error = translate(exc, conn.endpoint)
+                error = error_from_rpc(exc, conn.endpoint)
             except errors.KVStoreError as exc:  # from the local channel, already translated
                 error = exc
             else:
@@ -567,7 +569,7 @@ class Client:
             view = _as_view(value, i)
             if view.nbytes > limit:
                 raise errors.InvalidArgumentError(
-                    f"value {i} is {view.nbytes} bytes; the daemon's limit is {limit}", code="VALUE_TOO_LARGE", index=i
+                    f"value {i} is {view.nbytes} bytes; the daemon's limit is {limit}", code=ErrorCode.VALUE_TOO_LARGE, index=i
                 )
             views.append(view)
         call = self._call_context(deadline, retry)
@@ -683,7 +685,7 @@ class Client:
             region.check(offset, size, i)
             if size > limit:
                 raise errors.InvalidArgumentError(
-                    f"value {i} is {size} bytes; the daemon's limit is {limit}", code="VALUE_TOO_LARGE", index=i
+                    f"value {i} is {size} bytes; the daemon's limit is {limit}", code=ErrorCode.VALUE_TOO_LARGE, index=i
                 )
         call = self._call_context(deadline, retry)
         ranges = list(by_count_and_bytes(list(sizes), self.config.max_batch_keys, self._max_batch_bytes))
@@ -896,7 +898,7 @@ class Client:
         for i, result in enumerate(results):
             if result is not None and result < 0:
                 raise errors.InvalidArgumentError(
-                    f"block {i} is {-result} bytes but its slot holds {capacities[i]}", code="BUFFER_TOO_SMALL", index=i
+                    f"block {i} is {-result} bytes but its slot holds {capacities[i]}", code=ErrorCode.BUFFER_TOO_SMALL, index=i
                 )
         return results
 

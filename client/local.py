@@ -1,36 +1,10 @@
-"""The local channel: Data calls to a daemon on this host over a Unix socket.
+"""The local channel, client side: Data calls to a daemon on this host over
+its Unix socket (the framing is ``kvstore.protocol.local_channel``).
 
-A co-located client (one that shares memory with its daemon) sends the same
-protobuf requests of the Data service as over gRPC, but in a few bytes of
-framing on a Unix domain socket: a round trip costs a fraction of a grpc.aio
-unary call. The daemon names the socket (Linux abstract namespace, so nothing
-to clean up on disk) in its HelloResponse; a client that cannot connect to it
-(another host, another network namespace) keeps using gRPC. The daemon side
-is ``kvstore.server.rpc.local``; both sides share the format defined here.
-
-Wire format. The client opens with ``PREAMBLE``; then both directions carry
-frames whose integers are big-endian and whose first field, ``length``,
-counts the bytes that follow it::
-
-    request:  u32 length | u32 request id | u64 epoch | f64 timeout | u8 n | method (n bytes) | payload
-    response: u32 length | u32 request id | u8 status | u64 epoch | payload
-
-- request id: chosen by the client, unique among its calls in flight (several
-  calls share one socket; responses come back in any order). Id 0 is reserved
-  for a response about the connection itself (a bad preamble, a frame over the
-  size limit): the daemon closes the connection after sending it.
-- epoch: in a request, the cluster map epoch the client routed with (what the
-  ``kvstore-epoch`` metadata carries over gRPC); in a successful response, the
-  daemon's epoch (the trailing ``kvstore-epoch``); all ones (2**64-1) for none.
-- timeout: seconds the client waits for the answer (0 = none); the daemon
-  cancels the call once it has passed, as gRPC does at a deadline.
-- method: the Data method's name ("Put", "Get", "Exists" ...); an empty name
-  with an empty payload cancels the call with that request id (no answer).
-- status: the gRPC status code's number; 0 (OK) with the serialized response
-  as payload, anything else with a serialized ``kvstore.v1.ErrorDetail``.
-
-The daemon rejects a request whose payload exceeds its gRPC message limit
-(RESOURCE_EXHAUSTED on request id 0, then it closes the connection).
+A co-located client sends the same protobuf requests of the Data service as
+over gRPC, in a few bytes of framing: a round trip costs a fraction of a
+grpc.aio unary call. Any number of calls share one socket; answers come back
+in any order and are matched by request id.
 """
 
 from __future__ import annotations
@@ -38,32 +12,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import struct
 
 import grpc
 
 from kvstore import errors
 from kvstore._proto.v1 import data_pb2
+from kvstore.protocol.local_channel import (
+    CONNECTION_ID,
+    JOIN_BELOW,
+    NO_EPOCH,
+    PREAMBLE,
+    RESPONSE,
+    cancel_frame,
+    request_header,
+    socket_address,
+)
+from kvstore.protocol.status import BY_STATUS_NUMBER, error_from_status
 
 log = logging.getLogger("kvstore.client")
 
-PREAMBLE = b"KVSTORE-LOCAL/1\n"
-REQUEST = struct.Struct("!IIQdB")
-RESPONSE = struct.Struct("!IIBQ")
-CONNECTION_ID = 0
-NO_EPOCH = (1 << 64) - 1
-# Requests and responses below this size go out in one write (one syscall).
-JOIN_BELOW = 64 << 10
-
-STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 RESPONSE_TYPES = {
     m.name: getattr(data_pb2, m.output_type.name) for m in data_pb2.DESCRIPTOR.services_by_name["Data"].methods
 }
-
-
-def socket_address(name: str) -> str:
-    """The abstract-namespace address of a socket name (a leading NUL byte)."""
-    return "\0" + name
 
 
 class LocalChannel(asyncio.Protocol):
@@ -71,7 +41,7 @@ class LocalChannel(asyncio.Protocol):
 
     def __init__(self, name: str, endpoint: str) -> None:
         self.name = name
-        self.endpoint = endpoint  # the daemon's gRPC address: errors name it as translate() does
+        self.endpoint = endpoint  # the daemon's gRPC address: errors name it as over gRPC
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.calls = 0  # calls the daemon answered (successes and errors), for tests and diagnostics
@@ -93,7 +63,7 @@ class LocalChannel(asyncio.Protocol):
     # -- calls ----------------------------------------------------------------
 
     async def call(self, method: str, request, epoch: int, timeout: float):
-        """(response, the daemon's epoch or None); the KVStoreError translate() would give otherwise."""
+        """(response, the daemon's epoch or None); otherwise the KVStoreError the same failure gives over gRPC."""
         if self.closed:
             raise self._closed_error()
         loop = asyncio.get_running_loop()
@@ -102,11 +72,9 @@ class LocalChannel(asyncio.Protocol):
             self._ids = itertools.count(2)
             request_id = 1
         payload = request.SerializeToString()
-        name = method.encode()
-        header = REQUEST.pack(REQUEST.size - 4 + len(name) + len(payload), request_id, epoch, timeout, len(name))
         future = loop.create_future()
         self._pending[request_id] = future
-        self._write(header + name, payload)
+        self._write(request_header(request_id, epoch, timeout, method.encode(), len(payload)), payload)
         timer = loop.call_later(timeout, self._expire, request_id, future)
         try:
             status, daemon_epoch, body = await future
@@ -136,12 +104,10 @@ class LocalChannel(asyncio.Protocol):
     def _cancel(self, request_id: int) -> None:
         """Tell the daemon to stop working on a call nobody waits for any more."""
         if not self.closed and self.transport is not None:
-            self.transport.write(REQUEST.pack(REQUEST.size - 4, request_id, NO_EPOCH, 0.0, 0))
+            self.transport.write(cancel_frame(request_id))
 
     def _error(self, status: int, detail: bytes, details: str | None = None) -> errors.KVStoreError:
-        from kvstore.client.transport import error_of
-
-        return error_of(STATUS_BY_NUMBER.get(status, grpc.StatusCode.UNKNOWN), details, detail, self.endpoint)
+        return error_from_status(BY_STATUS_NUMBER.get(status, grpc.StatusCode.UNKNOWN), details, detail, self.endpoint)
 
     def _closed_error(self) -> errors.KVStoreError:
         if self._broken is not None:

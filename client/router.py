@@ -10,20 +10,15 @@ still moving, then the next nodes of the ring for those that fail).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from kvstore._proto.v1 import cluster_pb2
+from kvstore.protocol.convert import replication_of
+from kvstore.replication import Replication
 from kvstore.ring import DEFAULT_VNODES, Ring
 
 
 # Nodes after a key's owners that a request may move on to when owners fail.
 STAND_INS = 3
-
-
-@dataclass(frozen=True)
-class Replication:
-    replicas: int
-    write_quorum: int
 
 
 class ClusterView:
@@ -56,9 +51,9 @@ class ClusterView:
         elif prior is not None and set(prior.ring.nodes) != set(self.ring.nodes):
             self.previous_ring = prior.ring
             self.previous_members = frozenset(prior.ring.nodes) & frozenset(self.ring.nodes)
-        self.default = Replication(cluster_map.replicas or 1, cluster_map.write_quorum or 1)
+        self.default = replication_of(cluster_map.replicas, cluster_map.write_quorum)
         self.policies = {
-            (p.namespace.tenant, p.namespace.subtenant): Replication(p.replicas, p.write_quorum)
+            (p.namespace.tenant, p.namespace.subtenant): replication_of(p.replicas, p.write_quorum)
             for p in cluster_map.policies
         }
         self._replication: dict[tuple[str, str], Replication] = {}
@@ -79,8 +74,7 @@ class ClusterView:
         found = self._replication.get((tenant, subtenant))
         if found is None:
             policy = self.policies.get((tenant, subtenant), self.default)
-            replicas = min(policy.replicas, max(1, len(self.ring)))
-            found = self._replication[(tenant, subtenant)] = Replication(replicas, min(policy.write_quorum, replicas))
+            found = self._replication[(tenant, subtenant)] = policy.within(len(self.ring))
         return found
 
     def write_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:

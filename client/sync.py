@@ -12,6 +12,7 @@ import threading
 from typing import Any, Sequence
 
 from kvstore.client.api import Client
+from kvstore.protocol.codes import ErrorCode
 
 
 class SyncClient:
@@ -30,7 +31,7 @@ class SyncClient:
             coro.close()
             from kvstore.errors import UnavailableError
 
-            raise UnavailableError("the client is closed", code="SHUTTING_DOWN")
+            raise UnavailableError("the client is closed", code=ErrorCode.SHUTTING_DOWN)
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __enter__(self) -> "SyncClient":

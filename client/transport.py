@@ -1,6 +1,5 @@
-"""gRPC channels to daemons (with the local channel beside them, for Data
-calls to a daemon on this host), and the one place where gRPC failures become
-``kvstore.errors`` exceptions (``translate``/``error_of``)."""
+"""gRPC channels to daemons, with the local channel beside them for Data
+calls to a daemon on this host."""
 
 from __future__ import annotations
 
@@ -9,55 +8,12 @@ import logging
 
 import grpc
 
-from kvstore import errors
-from kvstore._proto.v1 import admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2_grpc, errors_pb2
+from kvstore._proto.v1 import admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2_grpc
 from kvstore.client.local import LocalChannel
+from kvstore.protocol import metadata
+from kvstore.protocol.status import error_from_rpc
 
 log = logging.getLogger("kvstore.client")
-
-ERROR_DETAIL_KEY = "kvstore-error-bin"
-
-_BY_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgumentError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidArgumentError,
-    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
-    grpc.StatusCode.CANCELLED: errors.UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDeniedError,
-    grpc.StatusCode.DATA_LOSS: errors.DataCorruptionError,
-}
-
-
-def translate(exc: grpc.RpcError, endpoint: str) -> errors.KVStoreError:
-    """The kvstore exception for a failed call, with the daemon's ErrorDetail if it sent one."""
-    detail = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == ERROR_DETAIL_KEY:
-            detail = value
-    return error_of(exc.code(), exc.details(), detail, endpoint)
-
-
-def error_of(status: grpc.StatusCode, details: str | None, detail: bytes | None, endpoint: str) -> errors.KVStoreError:
-    """The kvstore exception for a status, its details and a serialized ErrorDetail
-    (gRPC's trailing metadata, or the local channel's error payload)."""
-    message = details or status.name
-    code = None
-    index = -1
-    if detail:
-        parsed = errors_pb2.ErrorDetail.FromString(detail)
-        code = errors_pb2.ErrorCode.Name(parsed.code) if parsed.code else None
-        index = parsed.index
-        message = parsed.message or message
-    cls = _BY_STATUS.get(status, errors.InternalError)
-    if code == "WRONG_NODE":
-        cls = errors.WrongNodeError
-    if cls is errors.UnavailableError and code is None:
-        code = "ERROR_CODE_UNSPECIFIED"
-    return cls(f"{message} [{status.name} from {endpoint}]", code=code, index=index)
-
 
 class Connection:
     """One channel to one daemon with its service stubs and the limits it announced.
@@ -71,19 +27,7 @@ class Connection:
         self.local: LocalChannel | None = None
         self._local_name = ""  # announced by the last Hello and not tried yet
         self._local_opening: asyncio.Future | None = None
-        self.channel = grpc.aio.insecure_channel(
-            endpoint,
-            options=[
-                ("grpc.max_receive_message_length", -1),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.enable_retries", 0),
-                # A restarted daemon must be usable again at once, not after
-                # gRPC's default reconnect backoff (1 s, growing to 2 min).
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        self.channel = grpc.aio.insecure_channel(endpoint, options=metadata.channel_options())
         self.data = data_pb2_grpc.DataStub(self.channel)
         self.cluster = cluster_pb2_grpc.ClusterStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
@@ -113,7 +57,7 @@ class Connection:
                 wait_for_ready=wait,
             )
         except grpc.RpcError as exc:
-            raise translate(exc, self.endpoint) from None
+            raise error_from_rpc(exc, self.endpoint) from None
         self.generation += 1
         self._announce_local(self.hello.local_socket)
         return self.hello

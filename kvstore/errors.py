@@ -17,23 +17,25 @@
     ├── DataCorruptionError           bytes failed their checksum          (DATA_LOSS)
     └── InternalError                 a bug or an unexpected failure       (INTERNAL, others)
 
-Every error carries ``code`` (a ``kvstore.v1.ErrorCode`` name such as
-``"KEY_TOO_LARGE"``) and ``index`` (the offending entry of a batch, or -1).
-gRPC statuses are translated into this tree in exactly one place,
-``kvstore.client.transport``, and UCX statuses in ``kvstore._native``; the
-daemon maps the tree back to statuses in ``kvstore.server.rpc.status``.
+Every error carries ``code`` (an ``ErrorCode``, the ``kvstore.v1.ErrorCode``
+name such as ``"KEY_TOO_LARGE"``) and ``index`` (the offending entry of a
+batch, or -1). One table maps this tree to gRPC statuses and back,
+``kvstore.protocol.status``, for the daemon and the SDK alike; UCX statuses
+are translated in ``kvstore._native``.
 """
 
 from __future__ import annotations
+
+from kvstore.protocol.codes import ErrorCode
 
 
 class KVStoreError(Exception):
     """Base class of every error raised by kvstore."""
 
     retryable: bool = False
-    default_code: str = "ERROR_CODE_UNSPECIFIED"
+    default_code: str = ErrorCode.ERROR_CODE_UNSPECIFIED
 
-    def __init__(self, message: str, *, code: str | None = None, index: int = -1) -> None:
+    def __init__(self, message: str, *, code: ErrorCode | str | None = None, index: int = -1) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
@@ -52,13 +54,12 @@ class RetryableError(KVStoreError):
 class UnavailableError(RetryableError):
     """The daemon is down, unreachable or draining."""
 
-    default_code = "SHUTTING_DOWN"
-
+    
 
 class WrongNodeError(RetryableError):
     """The daemon does not own the key under its cluster map: refresh the map and resend."""
 
-    default_code = "WRONG_NODE"
+    default_code = ErrorCode.WRONG_NODE
 
 
 class DeadlineExceededError(RetryableError):
@@ -68,13 +69,13 @@ class DeadlineExceededError(RetryableError):
 class ResourceExhaustedError(RetryableError):
     """The daemon has no room for the request (memory, disk or quota)."""
 
-    default_code = "CAPACITY_EXHAUSTED"
+    default_code = ErrorCode.CAPACITY_EXHAUSTED
 
 
 class InvalidArgumentError(KVStoreError):
     """The request is malformed or violates a limit; retrying cannot help."""
 
-    default_code = "INVALID_ARGUMENT"
+    default_code = ErrorCode.INVALID_ARGUMENT
 
 
 class ConfigError(InvalidArgumentError):
@@ -84,13 +85,13 @@ class ConfigError(InvalidArgumentError):
 class PermissionDeniedError(KVStoreError):
     """The caller may not do this."""
 
-    default_code = "PERMISSION_DENIED"
+    default_code = ErrorCode.PERMISSION_DENIED
 
 
 class DataCorruptionError(KVStoreError):
     """Bytes failed their checksum; they are never handed to the caller."""
 
-    default_code = "DATA_CORRUPTION"
+    default_code = ErrorCode.DATA_CORRUPTION
 
 
 class InternalError(KVStoreError):
@@ -100,7 +101,7 @@ class InternalError(KVStoreError):
 class TransportError(UnavailableError):
     """The data plane failed to move bytes; the operation may be retried."""
 
-    default_code = "TRANSFER_FAILED"
+    default_code = ErrorCode.TRANSFER_FAILED
     status: int | None = None  # the UCX status, when UCX reported one
 
 
@@ -111,7 +112,7 @@ class EndpointClosedError(TransportError):
 class TransportTimeoutError(DeadlineExceededError):
     """UCX gave up waiting for the transport."""
 
-    default_code = "TRANSFER_FAILED"
+    default_code = ErrorCode.TRANSFER_FAILED
     status: int | None = None
 
 
@@ -124,7 +125,7 @@ class RegistrationError(ResourceExhaustedError):
 class InvalidRemoteKeyError(InvalidArgumentError):
     """A packed remote key is corrupted, truncated or was not made for this peer."""
 
-    default_code = "INVALID_REMOTE_KEY"
+    default_code = ErrorCode.INVALID_REMOTE_KEY
     status: int | None = None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from kvstore.errors import InvalidArgumentError
+from kvstore.protocol.codes import ErrorCode
 
 MAX_KEY_BYTES = 1024
 MAX_NAME_CHARS = 128
@@ -28,7 +29,7 @@ def validate_name(kind: str, name: str) -> str:
         shown = name[:64] + "..." if isinstance(name, str) and len(name) > 64 else name
         raise InvalidArgumentError(
             f"{kind} {shown!r} is invalid: use 1-{MAX_NAME_CHARS} characters of [A-Za-z0-9._:-]",
-            code="INVALID_NAMESPACE",
+            code=ErrorCode.INVALID_NAMESPACE,
         )
     return name
 
@@ -36,16 +37,16 @@ def validate_name(kind: str, name: str) -> str:
 def validate_key(key, index: int = -1) -> bytes:
     """Return ``key`` as bytes, or raise InvalidArgumentError naming what is wrong."""
     if isinstance(key, str):
-        raise InvalidArgumentError(f"key {index} is a str; keys are bytes", code="INVALID_ARGUMENT", index=index)
+        raise InvalidArgumentError(f"key {index} is a str; keys are bytes", code=ErrorCode.INVALID_ARGUMENT, index=index)
     if not isinstance(key, bytes):
         if not isinstance(key, (bytearray, memoryview)):
             raise InvalidArgumentError(f"key {index} has type {type(key).__name__}; keys are bytes", index=index)
         key = bytes(key)
     if not key:
-        raise InvalidArgumentError(f"key {index} is empty", code="EMPTY_KEY", index=index)
+        raise InvalidArgumentError(f"key {index} is empty", code=ErrorCode.EMPTY_KEY, index=index)
     if len(key) > MAX_KEY_BYTES:
         raise InvalidArgumentError(
-            f"key {index} is {len(key)} bytes; the limit is {MAX_KEY_BYTES}", code="KEY_TOO_LARGE", index=index
+            f"key {index} is {len(key)} bytes; the limit is {MAX_KEY_BYTES}", code=ErrorCode.KEY_TOO_LARGE, index=index
         )
     return key
 

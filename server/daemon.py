@@ -16,10 +16,11 @@ from grpc_reflection.v1alpha import reflection
 from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.namespace import Namespace
+from kvstore.replication import Replication
 from kvstore.ring import DEFAULT_VNODES
 from kvstore.server.cluster.membership import Member, MemberList, Membership, StaticMembership, parse_peers
 from kvstore.server.cluster.rebalance import Rebalancer
-from kvstore.server.cluster.state import ClusterState, Replication
+from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics

@@ -7,6 +7,14 @@ into arena extents, for a get it RMA-writes arena extents into the client's
 region. Clients receive lengths and checksums, never a daemon rkey nor the
 daemon's worker address.
 
+Per request, ``DataPlane.transfer_for`` resolves the client's session and the
+request's region and decides once how the bytes move: a ``SharedMemoryTransfer``
+or an ``RmaTransfer``, both implementing storage's ``Transfer`` interface
+(server/storage/transfer.py). rpc.data hands that object, with the blocks'
+client addresses, to ``BlockStore.put_remote``/``get_remote``, which call it
+with the arena offsets they reserved or pinned: storage never calls back into
+RPC code, and knows nothing of sessions or UCX.
+
 Co-located clients go faster: a region the client allocated as shared memory
 (a sealed memfd, kvstore._native.shared_memory) is mapped by the daemon, which
 then moves a block with one memcpy between that mapping and the arena, hashing
@@ -35,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kvstore import errors
-from kvstore.server.storage.arena import Arena
+from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.server.dataplane")
 
@@ -87,8 +95,15 @@ class DataPlane:
     module or UCX is unavailable (inline transfers still work then)."""
 
     def __init__(
-        self, arena: Arena, tls: str | None, *, enabled: bool = True, others_waiting: Callable[[], bool] = lambda: True
+        self,
+        arena_buffer: memoryview,
+        tls: str | None,
+        *,
+        enabled: bool = True,
+        others_waiting: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``arena_buffer``: the memory tier's arena (``BlockStore.arena_buffer()``),
+        registered here once; transfers address it by the offsets storage gives."""
         self.tls = tls or ""
         self._others_waiting = others_waiting  # whether other requests are being served meanwhile
         self._copying = 0  # shared-memory copies under way (read and written on the event loop only)
@@ -109,8 +124,8 @@ class DataPlane:
         self._native = _native
         self.context = _native.Context(tls or None)
         self.worker = _native.Worker(self.context)
-        self.arena_handle = self.context.register(arena.buffer)
-        self.arena = arena
+        self.arena_handle = self.context.register(arena_buffer)
+        self._arena = arena_buffer
         self._copies = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvstore-copy")
         self.enabled = True
 
@@ -119,7 +134,7 @@ class DataPlane:
         if not self.enabled:
             return
         if not client_id:
-            raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code="UNKNOWN_CLIENT")
+            raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code=ErrorCode.UNKNOWN_CLIENT)
         old = self.sessions.pop(client_id, None)
         if old is not None:
             old.close()
@@ -136,16 +151,32 @@ class DataPlane:
         if not self.enabled:
             raise errors.UnavailableError(
                 f"this daemon has no zero-copy data plane ({self.reason}); send values inline",
-                code="DATA_PLANE_UNAVAILABLE",
+                code=ErrorCode.DATA_PLANE_UNAVAILABLE,
             )
         session = self.sessions.get(client_id)
         if session is None or session.endpoint.failed:
             if session is not None:
                 self.drop(client_id)
             raise errors.UnavailableError(
-                f"client {client_id!r} has no data-plane session; call Hello again", code="UNKNOWN_CLIENT"
+                f"client {client_id!r} has no data-plane session; call Hello again", code=ErrorCode.UNKNOWN_CLIENT
             )
         return session
+
+    async def transfer_for(self, client_id: str, region, *, put: bool) -> "SharedMemoryTransfer | RmaTransfer":
+        """How the bytes of one request move between the arena and the client's
+        ``region`` (a ``RemoteRegion``): over its shared memory when it is shared
+        memory this daemon can map, else by RMA. A put whose blocks omit their
+        checksums can only be served over shared memory (the copy computes them)."""
+        session = self.session(client_id)
+        shared = await self.shared_region(session, region)
+        if shared is not None:
+            return SharedMemoryTransfer(self, shared)
+        if put and region.shared_memory.checksums_omitted:
+            raise errors.InvalidArgumentError(
+                "this daemon cannot map the client's shared memory; send the blocks' checksums",
+                code=ErrorCode.SHARED_MEMORY_UNAVAILABLE,
+            )
+        return RmaTransfer(self, session, self.remote_key(session, region.region_id, region.rkey))
 
     def remote_key(self, session: ClientSession, region_id: int, packed: bytes):
         cache_key = (region_id, packed)
@@ -157,7 +188,7 @@ class DataPlane:
             rkey = session.endpoint.unpack_rkey(packed)
         except errors.InvalidArgumentError as exc:
             raise errors.InvalidArgumentError(
-                f"region {region_id}: {exc.message}", code="INVALID_REMOTE_KEY"
+                f"region {region_id}: {exc.message}", code=ErrorCode.INVALID_REMOTE_KEY
             ) from None
         session.rkeys[cache_key] = rkey
         while len(session.rkeys) > RKEYS_PER_CLIENT:
@@ -198,7 +229,7 @@ class DataPlane:
             if session.shared.get(cache_key) is not pending:  # the session was dropped meanwhile
                 if mapping is not None:
                     mapping.close()
-                raise errors.UnavailableError("the client's session ended", code="TRANSFER_FAILED")
+                raise errors.UnavailableError("the client's session ended", code=ErrorCode.TRANSFER_FAILED)
         except BaseException:
             if session.shared.get(cache_key) is pending:
                 del session.shared[cache_key]
@@ -245,18 +276,18 @@ class DataPlane:
     async def copy_from_client(self, mapping, arena_offsets, remote_addresses, sizes) -> list[int]:
         """Copy blocks of a client's shared memory into arena extents; the xxh3-64 of each."""
         offsets = [address - mapping.address for address in remote_addresses]
-        return await self._copy(self.arena.buffer, list(arena_offsets), mapping.buffer, offsets, list(sizes))
+        return await self._copy(self._arena, list(arena_offsets), mapping.buffer, offsets, list(sizes))
 
     async def copy_to_client(self, mapping, arena_offsets, remote_addresses, sizes) -> list[int]:
         """Copy arena extents into a client's shared memory; the xxh3-64 of each block's arena bytes."""
         offsets = [address - mapping.address for address in remote_addresses]
-        return await self._copy(mapping.buffer, offsets, self.arena.buffer, list(arena_offsets), list(sizes))
+        return await self._copy(mapping.buffer, offsets, self._arena, list(arena_offsets), list(sizes))
 
     async def _copy(self, destination, destination_offsets, source, source_offsets, sizes) -> list[int]:
         if not sizes:
             return []
         if destination is None or source is None:
-            raise errors.UnavailableError("the client's shared memory was released", code="TRANSFER_FAILED")
+            raise errors.UnavailableError("the client's shared memory was released", code=ErrorCode.TRANSFER_FAILED)
         total = sum(sizes)
         # More copy threads than cores only slow every copy down.
         threads = 2 if total >= PARALLEL_COPY_BYTES and 2 * (self._copying + 1) <= CPUS else 1
@@ -272,7 +303,7 @@ class DataPlane:
         except errors.InvalidArgumentError as exc:
             if exc.index < 0:  # the mapping itself is gone (the session was dropped meanwhile)
                 raise errors.UnavailableError(
-                    f"the client's shared memory was released: {exc.message}", code="TRANSFER_FAILED"
+                    f"the client's shared memory was released: {exc.message}", code=ErrorCode.TRANSFER_FAILED
                 ) from None
             raise errors.InvalidArgumentError(
                 f"a block lies outside the client's shared memory: {exc.message}", index=exc.index
@@ -299,14 +330,14 @@ class DataPlane:
             if self.sessions.get(session.client_id) is not session:
                 # A new Hello replaced this session (and closed its keys) mid-request.
                 raise errors.UnavailableError(
-                    f"client {session.client_id!r} said Hello again during the transfer; retry", code="UNKNOWN_CLIENT"
+                    f"client {session.client_id!r} said Hello again during the transfer; retry", code=ErrorCode.UNKNOWN_CLIENT
                 ) from None
             raise
         except errors.KVStoreError as exc:
             # The client died or its endpoint failed: forget it; it must Hello again.
             self.drop(session.client_id)
             raise errors.UnavailableError(
-                f"transfer with client {session.client_id!r} failed: {exc.message}", code="TRANSFER_FAILED"
+                f"transfer with client {session.client_id!r} failed: {exc.message}", code=ErrorCode.TRANSFER_FAILED
             ) from None
 
     def drop(self, client_id: str) -> None:
@@ -330,3 +361,40 @@ class DataPlane:
         self.worker.close(timeout=5)  # let transfers in flight finish before endpoints go
         self._copies.shutdown(wait=True)
         self.enabled = False
+
+
+class SharedMemoryTransfer:
+    """A request's blocks copied between the arena and the client's shared memory
+    (one memcpy each, hashed on the way: ``Transfer`` with checksums)."""
+
+    __slots__ = ("_plane", "_mapping")
+    checksums_while_copying = True
+
+    def __init__(self, plane: DataPlane, mapping) -> None:
+        self._plane = plane
+        self._mapping = mapping
+
+    async def read_into_arena(self, arena_offsets, remote_addresses, sizes) -> list[int]:
+        return await self._plane.copy_from_client(self._mapping, arena_offsets, remote_addresses, sizes)
+
+    async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> list[int]:
+        return await self._plane.copy_to_client(self._mapping, arena_offsets, remote_addresses, lengths)
+
+
+class RmaTransfer:
+    """A request's blocks moved by RMA through the client's session and the
+    region's remote key (``Transfer`` without checksums)."""
+
+    __slots__ = ("_plane", "_session", "_rkey")
+    checksums_while_copying = False
+
+    def __init__(self, plane: DataPlane, session: ClientSession, rkey) -> None:
+        self._plane = plane
+        self._session = session
+        self._rkey = rkey
+
+    async def read_into_arena(self, arena_offsets, remote_addresses, sizes) -> None:
+        await self._plane.read_from_client(self._session, self._rkey, arena_offsets, remote_addresses, sizes)
+
+    async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> None:
+        await self._plane.write_to_client(self._session, self._rkey, arena_offsets, remote_addresses, lengths)

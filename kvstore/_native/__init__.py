@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 import xxhash
 
 from kvstore import errors
+from kvstore.protocol.codes import ErrorCode
 
 __all__ = [
     "Context",
@@ -141,7 +142,7 @@ def _require():
     if _ext is None:
         raise TransportError(
             f"the native data plane is unavailable: {_UNAVAILABLE_REASON}",
-            code="DATA_PLANE_UNAVAILABLE",
+            code=ErrorCode.DATA_PLANE_UNAVAILABLE,
         )
     return _ext
 

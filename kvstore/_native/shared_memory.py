@@ -29,6 +29,7 @@ import secrets
 import stat
 
 from kvstore import errors
+from kvstore.protocol.codes import ErrorCode
 
 __all__ = ["NAME_PREFIX", "SharedMemory", "SharedMemoryUnavailable", "supported"]
 
@@ -43,7 +44,7 @@ class SharedMemoryUnavailable(errors.UnavailableError):
     namespace, no permission, or not the memory the client described)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="SHARED_MEMORY_UNAVAILABLE")
+        super().__init__(message, code=ErrorCode.SHARED_MEMORY_UNAVAILABLE)
 
 
 def supported() -> bool:

@@ -46,8 +46,9 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
-from kvstore.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, UnavailableError
+from kvstore.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, KVStoreError, UnavailableError
 from kvstore.namespace import validate_name
+from kvstore.protocol.status import error_from_status
 from kvstore.server.cluster.membership import Member, MemberList, Membership
 from kvstore.units import parse_address
 
@@ -146,15 +147,15 @@ def _decode_epoch(value: bytes) -> int:
         return 0
 
 
-def translate(exc: BaseException) -> Exception:
-    """A kvstore error for a failed etcd call (gRPC status or timeout)."""
+def etcd_error(exc: BaseException) -> KVStoreError:
+    """The kvstore error of a failed etcd call (a gRPC status, through the one
+    status table, or a timeout). etcd is a dependency, not the caller's peer:
+    whatever it answers beyond a bad request or a timeout means "unavailable"."""
     if isinstance(exc, grpc.aio.AioRpcError):
-        code, details = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceededError(f"etcd did not answer in time: {details}")
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgumentError(f"etcd refused the request: {details}")
-        return UnavailableError(f"etcd unavailable ({code.name}): {details}")
+        error = error_from_status(exc.code(), f"etcd: {exc.details() or exc.code().name}", None, "etcd")
+        if isinstance(error, (InvalidArgumentError, DeadlineExceededError, UnavailableError)):
+            return error
+        return UnavailableError(error.message)
     if isinstance(exc, TimeoutError):
         return DeadlineExceededError("etcd did not answer in time")
     return UnavailableError(f"etcd unavailable: {exc}")
@@ -296,7 +297,7 @@ class EtcdMembership(Membership):
                 reply = await self._kv.Range(request, timeout=self._rpc_timeout)
                 return self._parse_policies(reply.kvs)
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
-                log.warning("etcd: reading policies failed, returning the last seen: %s", translate(exc))
+                log.warning("etcd: reading policies failed, returning the last seen: %s", etcd_error(exc))
         return dict(self._policies)
 
     def _policy_key(self, tenant: str, subtenant: str) -> bytes:
@@ -311,7 +312,7 @@ class EtcdMembership(Membership):
         try:
             return await call(kv)
         except grpc.aio.AioRpcError as exc:
-            raise translate(exc) from exc
+            raise etcd_error(exc) from exc
 
     # -- the session loop --------------------------------------------------
 
@@ -326,7 +327,7 @@ class EtcdMembership(Membership):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure means: reconnect
-                error = translate(exc) if isinstance(exc, (grpc.aio.AioRpcError, TimeoutError)) else exc
+                error = etcd_error(exc) if isinstance(exc, (grpc.aio.AioRpcError, TimeoutError)) else exc
                 self._last_error = f"{endpoint}: {error}"
                 if self._connected:
                     log.warning("etcd: lost %s (%s); keeping epoch %d and retrying", endpoint, error, self._list.epoch)
@@ -651,7 +652,7 @@ class EtcdMembership(Membership):
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return  # already expired
-                errors.append(f"{endpoint}: {translate(exc)}")
+                errors.append(f"{endpoint}: {etcd_error(exc)}")
             finally:
                 await channel.close(grace=None)
         log.warning("etcd: could not revoke lease %x (%s); peers will drop us after %ds",

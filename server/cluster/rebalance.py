@@ -27,11 +27,12 @@ import grpc
 
 from kvstore import errors
 from kvstore._proto.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2, data_pb2_grpc
-from kvstore.client.transport import translate  # the one gRPC -> error-tree seam
 from kvstore.namespace import Namespace
+from kvstore.protocol import metadata
+from kvstore.protocol.convert import namespace_to_proto
+from kvstore.protocol.status import error_from_rpc
 from kvstore.server.cluster.membership import Member, MemberList
 from kvstore.server.cluster.state import ClusterState
-from kvstore.server.rpc.handlers import EPOCH_METADATA
 from kvstore.server.storage.store import BlockStore
 
 log = logging.getLogger("kvstore.server.rebalance")
@@ -63,13 +64,7 @@ class Peers:
 
     def __init__(self, max_message: int) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._options = [
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", max_message),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
+        self._options = metadata.channel_options(max_message)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -285,7 +280,7 @@ class Rebalancer:
 
     async def _exists(self, node: str, ns: Namespace, keys: list[bytes]) -> tuple[list[bool], bool]:
         """Which of ``keys`` ``node`` holds, and whether it routes by our map."""
-        request = data_pb2.KeysRequest(namespace=_ns(ns), keys=keys)
+        request = data_pb2.KeysRequest(namespace=namespace_to_proto(ns), keys=keys)
         response, epoch = await self._call(node, "Exists", request)
         return list(response.exists), epoch == self.cluster.epoch
 
@@ -307,7 +302,7 @@ class Rebalancer:
             await self._put(node, ns, batch)
 
     async def _put(self, node: str, ns: Namespace, blocks: list[data_pb2.BlockWrite]) -> None:
-        request = data_pb2.PutRequest(namespace=_ns(ns), blocks=blocks, durability=data_pb2.DURABILITY_DISK)
+        request = data_pb2.PutRequest(namespace=namespace_to_proto(ns), blocks=blocks, durability=data_pb2.DURABILITY_DISK)
         await self._call(node, "Put", request)
         self.status.keys_copied += len(blocks)
         self.status.bytes_copied += sum(b.length for b in blocks)
@@ -319,12 +314,12 @@ class Rebalancer:
             raise errors.UnavailableError(f"{node} is not in the cluster map any more")
         stub = self.peers.data(member.address)
         try:
-            call = getattr(stub, method)(request, timeout=self.timeout, metadata=((EPOCH_METADATA, str(self.cluster.epoch)),))
+            call = getattr(stub, method)(request, timeout=self.timeout, metadata=((metadata.EPOCH, str(self.cluster.epoch)),))
             response = await call
-            theirs = dict(await call.trailing_metadata() or ()).get(EPOCH_METADATA, "")
+            theirs = metadata.epoch_of(await call.trailing_metadata()) or ""
             return response, int(theirs) if theirs.isdigit() else None
         except grpc.RpcError as exc:
-            raise translate(exc, f"{node} ({member.address}) {method}") from None
+            raise error_from_rpc(exc, f"{node} ({member.address}) {method}") from None
 
     # -- resumable progress ---------------------------------------------------
 
@@ -346,6 +341,3 @@ class Rebalancer:
 def _member_list(epoch: int, nodes) -> MemberList:
     return MemberList.of((Member(n.node_id, n.address, n.weight or 1.0) for n in nodes), epoch=epoch)
 
-
-def _ns(ns: Namespace) -> data_pb2.Namespace:
-    return data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kvstore._proto.v1 import cluster_pb2, data_pb2
+from kvstore._proto.v1 import cluster_pb2
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.namespace import Namespace
+from kvstore.protocol.convert import policy_to_proto
+from kvstore.replication import Replication
 from kvstore.ring import Ring
 from kvstore.server.cluster.membership import Member, MemberList
 
@@ -26,23 +27,6 @@ log = logging.getLogger("kvstore.server.cluster")
 
 POLICY_FILE = "namespace-policies.json"
 MEMBERSHIP_FILE = "membership.json"
-
-
-@dataclass(frozen=True)
-class Replication:
-    replicas: int
-    write_quorum: int
-
-    def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ConfigError(f"replicas: {self.replicas} must be at least 1")
-        if not 1 <= self.write_quorum <= self.replicas:
-            raise ConfigError(f"write_quorum: {self.write_quorum} must be between 1 and replicas ({self.replicas})")
-
-    @classmethod
-    def of(cls, replicas: int, write_quorum: int = 0) -> "Replication":
-        """``write_quorum`` 0 means a majority of the replicas."""
-        return cls(replicas, write_quorum or replicas // 2 + 1)
 
 
 def _ring(members: MemberList, vnodes: int) -> Ring:
@@ -186,12 +170,7 @@ class ClusterState:
             write_quorum=self.default.write_quorum,
             vnodes=self.vnodes,
         )
-        for ns, policy in self.policies.items():
-            message.policies.add(
-                namespace=data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
-                replicas=policy.replicas,
-                write_quorum=policy.write_quorum,
-            )
+        message.policies.extend(policy_to_proto(ns, policy) for ns, policy in self.policies.items())
         if self.previous is not None:
             message.previous_epoch = self.previous.epoch
             message.previous_nodes.extend(_node(m) for m in self.previous.members)

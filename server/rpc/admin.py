@@ -9,12 +9,12 @@ from kvstore import __version__
 from kvstore._proto.v1 import admin_pb2 as pb
 from kvstore._proto.v1 import cluster_pb2, data_pb2
 from kvstore.namespace import validate_name
+from kvstore.protocol.convert import namespace_of, policy_to_proto
 from kvstore.server.cluster.membership import Membership
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
-from kvstore.server.rpc.data import namespace_of
 from kvstore.server.rpc.handlers import service
 from kvstore.server.storage.store import BlockStore
 
@@ -83,19 +83,11 @@ class AdminService:
                 await self.membership.put_policy(
                     ns.tenant, ns.subtenant, {"replicas": applied.replicas, "write_quorum": applied.write_quorum}
                 )
-        return self._policy(ns, applied)
+        return policy_to_proto(ns, applied)
 
     async def get_namespace_policy(self, request: pb.GetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
         ns = namespace_of(request)
-        return self._policy(ns, self.cluster.replication(ns))
-
-    @staticmethod
-    def _policy(ns, replication) -> cluster_pb2.NamespacePolicy:
-        return cluster_pb2.NamespacePolicy(
-            namespace=data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
-            replicas=replication.replicas,
-            write_quorum=replication.write_quorum,
-        )
+        return policy_to_proto(ns, self.cluster.replication(ns))
 
     async def server_stats(self, request, context) -> pb.ServerStatsResponse:
         memory = self.store.memory

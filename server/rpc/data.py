@@ -7,47 +7,39 @@ rejects the request with the entry's index and nothing of it is stored.
 from __future__ import annotations
 
 from kvstore._proto.v1 import data_pb2 as pb
+from kvstore.durability import Durability
 from kvstore.errors import InvalidArgumentError, WrongNodeError
 from kvstore.namespace import Namespace, validate_key
+from kvstore.protocol import metadata
+from kvstore.protocol.convert import durability_from_proto, namespace_of, namespace_to_proto
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
-from kvstore.server.rpc.handlers import EPOCH_METADATA, service
+from kvstore.server.rpc.handlers import service
 from kvstore.server.rpc.wire import encode_get_response
 from kvstore.server.storage.store import BlockIn, BlockStore, verify_block
+from kvstore.protocol.codes import ErrorCode
 
-DURABILITY = {
-    pb.DURABILITY_MEMORY: "memory",
-    pb.DURABILITY_DISK: "disk",
-    pb.DURABILITY_SYNC: "sync",
-}
 LIST_PAGE = 1000
 MAX_BATCH_KEYS = 100_000
-# Request metadata: the epoch of the cluster map the client routed the call with
-# (the same key carries the daemon's epoch back, in the trailing metadata).
 
 
 def routed_epoch(context) -> int | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == EPOCH_METADATA:
-            try:
-                return int(value)
-            except ValueError:
-                raise InvalidArgumentError(f"{EPOCH_METADATA} metadata {value!r} is not an integer") from None
-    return None
-
-
-def namespace_of(message) -> Namespace:
-    if not message.HasField("namespace"):
-        raise InvalidArgumentError("the request names no namespace (tenant, subtenant)", code="INVALID_NAMESPACE")
-    return Namespace(message.namespace.tenant, message.namespace.subtenant)
+    """The epoch of the cluster map the client routed the call with, if it said."""
+    value = metadata.epoch_of(context.invocation_metadata())
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgumentError(f"{metadata.EPOCH} metadata {value!r} is not an integer") from None
 
 
 def storage_keys(ns: Namespace, keys) -> list[bytes]:
     if len(keys) > MAX_BATCH_KEYS:
         raise InvalidArgumentError(
-            f"{len(keys)} keys in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
+            f"{len(keys)} keys in one request; the limit is {MAX_BATCH_KEYS}", code=ErrorCode.BATCH_TOO_LARGE
         )
     prefix = ns.prefix
     return [prefix + validate_key(key, i) for i, key in enumerate(keys)]
@@ -82,7 +74,7 @@ class DataService:
     async def put(self, request: pb.PutRequest, context) -> pb.PutResponse:
         ns = namespace_of(request)
         self._check_routing(ns, request.blocks, context)
-        durability = self._durability(request.durability)
+        durability = durability_from_proto(request.durability, Durability(self.config.default_durability))
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
             session = self.dataplane.session(request.client_id)
@@ -98,7 +90,7 @@ class DataService:
                 if region.shared_memory.checksums_omitted:
                     raise InvalidArgumentError(
                         "this daemon cannot map the client's shared memory; send the blocks' checksums",
-                        code="SHARED_MEMORY_UNAVAILABLE",
+                        code=ErrorCode.SHARED_MEMORY_UNAVAILABLE,
                     )
                 rkey = self.dataplane.remote_key(session, region.region_id, region.rkey)
 
@@ -129,7 +121,7 @@ class DataService:
                 )
             if block.length > limit:
                 raise InvalidArgumentError(
-                    f"block {i} is {block.length} bytes; the limit is {limit}", code="VALUE_TOO_LARGE", index=i
+                    f"block {i} is {block.length} bytes; the limit is {limit}", code=ErrorCode.VALUE_TOO_LARGE, index=i
                 )
             blocks.append(BlockIn(ns.prefix + key, None, block.length, None if unchecked else block.checksum))
             addresses.append(block.remote_address)
@@ -156,7 +148,7 @@ class DataService:
     def _check_batch(count: int) -> None:
         if count > MAX_BATCH_KEYS:
             raise InvalidArgumentError(
-                f"{count} blocks in one request; the limit is {MAX_BATCH_KEYS}", code="BATCH_TOO_LARGE"
+                f"{count} blocks in one request; the limit is {MAX_BATCH_KEYS}", code=ErrorCode.BATCH_TOO_LARGE
             )
 
     def _validated_blocks(self, ns: Namespace, request: pb.PutRequest) -> list[BlockIn]:
@@ -169,22 +161,12 @@ class DataService:
             if len(value) > limit or block.length > limit:
                 raise InvalidArgumentError(
                     f"block {i} is {max(len(value), block.length)} bytes; the limit is {limit}",
-                    code="VALUE_TOO_LARGE",
+                    code=ErrorCode.VALUE_TOO_LARGE,
                     index=i,
                 )
             verify_block(value, block.length, block.checksum, i)
             blocks.append(BlockIn(ns.prefix + key, value, block.length, block.checksum))
         return blocks
-
-    def _durability(self, value: int) -> str:
-        if value == pb.DURABILITY_UNSPECIFIED:
-            return self.config.default_durability
-        try:
-            return DURABILITY[value]
-        except KeyError:
-            raise InvalidArgumentError(
-                f"durability {value} is unknown; use MEMORY (1), DISK (2) or SYNC (3)", code="UNKNOWN_DURABILITY"
-            ) from None
 
     async def get(self, request: pb.GetRequest, context) -> pb.GetResponse:
         ns = namespace_of(request)
@@ -195,7 +177,7 @@ class DataService:
         if request.HasField("region"):
             return await self._get_remote(request, keys)
         if request.slots:
-            raise InvalidArgumentError("slots given without the region they belong to", code="INVALID_ARGUMENT")
+            raise InvalidArgumentError("slots given without the region they belong to", code=ErrorCode.INVALID_ARGUMENT)
         found = await self.store.get(keys, self.config.max_response_bytes)
         hits = sum(1 for block in found if block is not None)
         self.metrics.gets.labels("hit").inc(hits)
@@ -207,7 +189,7 @@ class DataService:
     async def _get_remote(self, request: pb.GetRequest, keys: list[bytes]) -> pb.GetResponse:
         if len(request.slots) != len(keys):
             raise InvalidArgumentError(
-                f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code="INVALID_ARGUMENT"
+                f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code=ErrorCode.INVALID_ARGUMENT
             )
         session = self.dataplane.session(request.client_id)
         slots = request.slots
@@ -259,10 +241,10 @@ class DataService:
     async def list(self, request: pb.ListRequest, context) -> pb.ListResponse:
         ns = namespace_of(request)
         if len(request.prefix) > 1024 or len(request.start_after) > 1024:
-            raise InvalidArgumentError("prefix and start_after are at most 1024 bytes", code="KEY_TOO_LARGE")
+            raise InvalidArgumentError("prefix and start_after are at most 1024 bytes", code=ErrorCode.KEY_TOO_LARGE)
         limit = request.limit or LIST_PAGE
         if limit > 10 * LIST_PAGE:
-            raise InvalidArgumentError(f"limit {limit} exceeds {10 * LIST_PAGE}", code="BATCH_TOO_LARGE")
+            raise InvalidArgumentError(f"limit {limit} exceeds {10 * LIST_PAGE}", code=ErrorCode.BATCH_TOO_LARGE)
         entries, truncated = await self.store.list(ns, request.prefix, request.start_after, limit)
         return pb.ListResponse(
             entries=[pb.ListEntry(key=key, length=length) for key, length in entries], truncated=truncated
@@ -273,7 +255,7 @@ class DataService:
         counters = self.store.namespace_counters(ns)
         return pb.StatResponse(
             stats=pb.NamespaceStats(
-                namespace=pb.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
+                namespace=namespace_to_proto(ns),
                 blocks=counters.blocks,
                 bytes=counters.bytes,
             )

@@ -21,7 +21,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from kvstore import errors
 from kvstore.server.metrics import Metrics
-from kvstore.server.rpc.status import status_of, trailing_metadata
+from kvstore.protocol import metadata
+from kvstore.protocol.status import status_of, trailing_metadata
+from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.server.rpc")
 
@@ -36,13 +38,13 @@ def parse_strict(request_type: type[Message], raw: bytes) -> Message:
         request.ParseFromString(raw)
     except DecodeError as exc:
         raise errors.InvalidArgumentError(
-            f"malformed {request_type.DESCRIPTOR.name}: {exc}", code="MALFORMED_REQUEST"
+            f"malformed {request_type.DESCRIPTOR.name}: {exc}", code=ErrorCode.MALFORMED_REQUEST
         ) from None
     if has_unknown_fields(request):
         raise errors.InvalidArgumentError(
             f"{request_type.DESCRIPTOR.name} carries fields unknown to this daemon "
             f"(kvstore.v1 {request_type.DESCRIPTOR.full_name}); upgrade the daemon or drop them",
-            code="UNKNOWN_FIELD",
+            code=ErrorCode.UNKNOWN_FIELD,
         )
     return request
 
@@ -68,11 +70,6 @@ def _message_fields(descriptor) -> tuple:
     """The message-typed fields of a message type: only they can hide unknown fields
     deeper down (a batch's 32 blocks have none, so they are not walked field by field)."""
     return tuple(f for f in descriptor.fields if f.type == f.TYPE_MESSAGE)
-
-
-# Trailing metadata of every successful Data call: the epoch of this daemon's
-# cluster map, so a client routing with another map learns to refresh it.
-EPOCH_METADATA = "kvstore-epoch"
 
 
 class Method:
@@ -126,7 +123,8 @@ class Method:
             context.set_trailing_metadata(trailing_metadata(error))
             await context.abort(code, error.message)
         if self.epoch is not None:
-            context.set_trailing_metadata(((EPOCH_METADATA, str(self.epoch())),))
+            # The epoch of this daemon's cluster map: a client routing with another map learns to refresh it.
+            context.set_trailing_metadata(((metadata.EPOCH, str(self.epoch())),))
         return response
 
 
@@ -156,7 +154,7 @@ class Service(grpc.GenericRpcHandler):
             f"kvstore.v1.{name}",
             {
                 method: grpc.unary_unary_rpc_method_handler(
-                    m.grpc_call, request_deserializer=None, response_serializer=_serialize
+                    m.grpc_call, request_deserializer=None, response_serializer=serialize
                 )
                 for method, m in self.methods.items()
             },
@@ -179,6 +177,6 @@ def service(
     return Service(name, methods, metrics, epoch)
 
 
-def _serialize(message: Message | bytes) -> bytes:
+def serialize(message: Message | bytes) -> bytes:
     # Handlers with large responses serialise them off the event loop themselves.
     return message if isinstance(message, bytes) else message.SerializeToString()

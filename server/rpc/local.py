@@ -1,5 +1,5 @@
 """The local channel, daemon side: the Data service over a Unix socket for
-clients on this host (wire format: ``kvstore.client.local``).
+clients on this host (wire format: ``kvstore.protocol.local_channel``).
 
 Every request runs through the same ``Method.run`` as over gRPC (strict
 parsing, error mapping, metrics), with a context that carries the client's
@@ -22,9 +22,20 @@ import struct
 import grpc
 
 from kvstore import errors
-from kvstore.client.local import CONNECTION_ID, JOIN_BELOW, NO_EPOCH, PREAMBLE, REQUEST, RESPONSE, socket_address
-from kvstore.server.rpc.handlers import EPOCH_METADATA, Method, _serialize
-from kvstore.server.rpc.status import status_of, trailing_metadata
+from kvstore.protocol import metadata
+from kvstore.protocol.codes import ErrorCode
+from kvstore.protocol.local_channel import (
+    CONNECTION_ID,
+    JOIN_BELOW,
+    NO_EPOCH,
+    PREAMBLE,
+    REQUEST,
+    payload_length,
+    response_header,
+    socket_address,
+)
+from kvstore.protocol.status import detail_of, status_of
+from kvstore.server.rpc.handlers import Method, serialize
 
 log = logging.getLogger("kvstore.server.rpc")
 
@@ -42,18 +53,16 @@ def socket_name(node_id: str) -> str:
 
 class LocalContext:
     """What handlers use of a gRPC ServicerContext: the request metadata (the
-    routed epoch); trailing metadata travels in the response frame instead."""
+    routed epoch). The daemon's epoch travels in the response frame instead of
+    trailing metadata."""
 
     __slots__ = ("_metadata",)
 
     def __init__(self, epoch: int) -> None:
-        self._metadata = ((EPOCH_METADATA, str(epoch)),) if epoch != NO_EPOCH else ()
+        self._metadata = ((metadata.EPOCH, str(epoch)),) if epoch != NO_EPOCH else ()
 
     def invocation_metadata(self):
         return self._metadata
-
-    def set_trailing_metadata(self, metadata) -> None:
-        pass
 
 
 class LocalServer:
@@ -185,14 +194,14 @@ class _Connection(asyncio.Protocol):
         limit = self.server.max_message
         while size - position >= REQUEST.size and not self._calls_paused:
             length, request_id, epoch, timeout, name_length = REQUEST.unpack_from(buffer, position)
-            payload_length = length - (REQUEST.size - 4) - name_length
-            if payload_length < 0:
+            payload_bytes = payload_length(length, name_length)
+            if payload_bytes < 0:
                 self._fail(errors.InvalidArgumentError(f"malformed local-channel frame (length {length})"))
                 return
-            if payload_length > limit:
+            if payload_bytes > limit:
                 # Checked before the payload arrives: it is never buffered.
                 error = errors.ResourceExhaustedError(
-                    f"a request of {payload_length} bytes exceeds the daemon's message limit of {limit} bytes"
+                    f"a request of {payload_bytes} bytes exceeds the daemon's message limit of {limit} bytes"
                 )
                 self._fail(error, request_id)
                 return
@@ -223,7 +232,7 @@ class _Connection(asyncio.Protocol):
             error = errors.InternalError(f"method {method!r} is not served on the local channel")
             self._error(request_id, grpc.StatusCode.UNIMPLEMENTED, error)
         elif self.server.draining:
-            self._error(request_id, grpc.StatusCode.UNAVAILABLE, errors.UnavailableError("the daemon is shutting down"))
+            self._error(request_id, grpc.StatusCode.UNAVAILABLE, errors.UnavailableError("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN))
         else:
             task = asyncio.get_running_loop().create_task(self._run(request_id, handler, payload, epoch, timeout))
             self.tasks[request_id] = task
@@ -255,15 +264,16 @@ class _Connection(asyncio.Protocol):
             self._error(request_id, code, error)
             return
         daemon_epoch = method.epoch() if method.epoch is not None else NO_EPOCH
-        body = _serialize(response)
+        body = serialize(response)
+        head = response_header(request_id, 0, daemon_epoch, len(body))
         if len(body) < JOIN_BELOW:
-            self._send(RESPONSE.pack(RESPONSE.size - 4 + len(body), request_id, 0, daemon_epoch) + body)
+            self._send(head + body)
         else:
-            self._send(RESPONSE.pack(RESPONSE.size - 4 + len(body), request_id, 0, daemon_epoch), body)
+            self._send(head, body)
 
     def _error(self, request_id: int, code: grpc.StatusCode, error: errors.KVStoreError) -> None:
-        detail = trailing_metadata(error)[0][1]  # the ErrorDetail gRPC would send
-        self._send(RESPONSE.pack(RESPONSE.size - 4 + len(detail), request_id, code.value[0], NO_EPOCH) + detail)
+        detail = detail_of(error)  # the ErrorDetail gRPC would send
+        self._send(response_header(request_id, code.value[0], NO_EPOCH, len(detail)) + detail)
 
     def _send(self, *parts: bytes) -> None:
         if self._closed or self.transport.is_closing():

@@ -35,6 +35,7 @@ from kvstore.checksum import checksum as xxh3
 from kvstore.errors import ConfigError, InternalError, ResourceExhaustedError
 from kvstore.namespace import Namespace, range_end
 from kvstore.server.storage.segments import SegmentLog
+from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.server.disk")
 
@@ -107,7 +108,7 @@ class DiskTier:
         except Exception as exc:  # rocksdict raises plain exceptions carrying RocksDB's status
             if "lock" in str(exc).lower():
                 raise ConfigError(f"data_dir: {self.data_dir} is in use by another kvstore-server") from None
-            raise InternalError(f"cannot open the index in {self.data_dir}: {exc}", code="STORAGE_FAILURE") from exc
+            raise InternalError(f"cannot open the index in {self.data_dir}: {exc}", code=ErrorCode.STORAGE_FAILURE) from exc
         self._ns_cf = self._db.get_column_family_handle("ns")
         self._ns_view = self._db.get_column_family("ns")
         self._async_write = rocksdict.WriteOptions()
@@ -350,8 +351,8 @@ def _ns_prefix(key: bytes) -> bytes:
 def _storage_error(what: str, exc: BaseException):
     text = str(exc)
     if isinstance(exc, OSError) and exc.errno == 28 or "No space" in text:
-        return ResourceExhaustedError(f"disk full while {what}: {text}", code="CAPACITY_EXHAUSTED")
-    return InternalError(f"storage failure while {what}: {text}", code="STORAGE_FAILURE")
+        return ResourceExhaustedError(f"disk full while {what}: {text}", code=ErrorCode.CAPACITY_EXHAUSTED)
+    return InternalError(f"storage failure while {what}: {text}", code=ErrorCode.STORAGE_FAILURE)
 
 
 class _GroupCommitter:
@@ -370,7 +371,7 @@ class _GroupCommitter:
         future: Future = Future()
         with self._cond:
             if self._closed:
-                raise InternalError("the disk tier is closed", code="SHUTTING_DOWN")
+                raise InternalError("the disk tier is closed", code=ErrorCode.SHUTTING_DOWN)
             self._queue.append((writes, future))
             self._cond.notify()
         return future

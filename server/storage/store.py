@@ -5,6 +5,18 @@ copies the value into the arena and appends it to disk, then publishes it in
 the memory index. A get is served from the arena when resident, else read from
 disk, verified against its checksum, and promoted into the arena.
 
+The path of a zero-copy put: rpc.handlers (parsing, errors, metrics) ->
+rpc.data (validation) -> dataplane (one ``Transfer`` for the request's session
+and region, RMA or shared memory) -> here, ``put_remote``: arena extents are
+reserved in the memory tier (memory.py), the transfer fills them, checksums are
+verified, the blocks are appended to the disk tier (disk.py) as the durability
+asks, then published in the memory index. Storage only knows the ``Transfer``
+interface (transfer.py), never the RPC layer or the data plane behind it.
+
+Nothing outside server/storage touches the tiers: callers use ``stats()``,
+``namespaces()``, ``scan()``, ``prefault()`` and ``arena_buffer()`` (the one
+buffer the data plane registers and copies through).
+
 Blocking work (copies, file I/O, RocksDB) runs on a thread pool; the memory
 index is only touched on the loop, so it needs no lock.
 """
@@ -13,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +36,9 @@ from kvstore.errors import InvalidArgumentError, ResourceExhaustedError, Unavail
 from kvstore.namespace import Namespace
 from kvstore.server.storage.disk import DiskTier, NamespaceCounters
 from kvstore.server.storage.memory import MemoryTier, Resident
+from kvstore.server.storage.transfer import Transfer
 from kvstore.server.storage.writeback import WriteBack
+from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.server.store")
 
@@ -47,6 +62,27 @@ class BlockOut:
     checksum: int
     length: int
     seq: int = 0  # the write it came from (for promotion into the arena); 0 when served from memory
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    blocks: int
+    bytes: int
+    capacity_bytes: int
+    resident_bytes: int = 0  # memory: arena bytes faulted in so far (prefault)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """The store's counters as ServerStats and the metrics report them."""
+
+    data_dir: str
+    memory: TierStats
+    disk: TierStats
+    namespaces: int  # namespaces the disk tier keeps counters for
+    corrupt_blocks: int  # dropped because they failed their checksum
+    evictions: int  # clean blocks evicted from the memory tier
+    arena_used_bytes: int  # arena extents allocated (published, reserved or in transfer)
 
 
 class _Sequence:
@@ -91,7 +127,7 @@ class BlockStore:
 
     async def _run(self, fn, *args):
         if self._closed:
-            raise UnavailableError("the daemon is shutting down", code="SHUTTING_DOWN")
+            raise UnavailableError("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- put ---------------------------------------------------------------
@@ -113,30 +149,40 @@ class BlockStore:
         self._publish(blocks, slots, seqs, to_disk, deletes_before)
         return len(blocks)
 
-    async def put_remote(self, ns: Namespace, blocks: list[BlockIn], durability: str, transfer) -> int:
-        """Store a batch whose bytes the data plane reads straight into the arena.
+    async def put_remote(
+        self, ns: Namespace, blocks: list[BlockIn], durability: str, transfer: Transfer, addresses: list[int]
+    ) -> int:
+        """Store a batch whose bytes the data plane moves straight into the arena.
 
-        ``transfer(arena_offsets, sizes, indices)`` fills the reserved extents with
-        blocks ``indices`` of the batch (RMA from the client, or a copy from its
-        shared memory) and returns None, or the xxh3-64 of each block it copied
-        (hashed on the way). Checksums are verified before anything is persisted or
-        published: those returned, else over the arena bytes. A block whose
-        ``checksum`` is None takes the one computed here. A batch larger than a
-        quarter of the arena is taken in parts, one after the other. On any failure
-        every extent reserved for the failing part is released.
+        ``transfer.read_into_arena`` fills the extents reserved for the blocks
+        with the client's bytes at ``addresses`` (one per block) and returns None,
+        or the xxh3-64 of each block it copied (hashed on the way). Checksums are
+        verified before anything is persisted or published: those returned, else
+        over the arena bytes. A block whose ``checksum`` is None takes the one
+        computed here. A batch larger than a quarter of the arena is taken in
+        parts, one after the other. On any failure every extent reserved for the
+        failing part is released.
         """
-        for indices in self._parts([block.length for block in blocks]):
-            await self._put_remote_part([blocks[i] for i in indices], indices, durability, transfer)
+        parts = self._parts([block.length for block in blocks])
+        if len(parts) == 1:  # the usual case: no per-block regrouping
+            await self._put_remote_part(blocks, parts[0], addresses, durability, transfer)
+            return len(blocks)
+        for indices in parts:
+            await self._put_remote_part(
+                [blocks[i] for i in indices], indices, [addresses[i] for i in indices], durability, transfer
+            )
         return len(blocks)
 
-    async def _put_remote_part(self, blocks: list[BlockIn], indices: list[int], durability: str, transfer) -> None:
+    async def _put_remote_part(
+        self, blocks: list[BlockIn], indices: list[int], addresses: list[int], durability: str, transfer: Transfer
+    ) -> None:
         deletes_before = self._deletes
         sizes = [block.length for block in blocks]
         seqs = [self._seq.next() for _ in blocks]
         slots = await self._reserve_all(sizes)
         persist = durability != MEMORY
         try:
-            checksums = await transfer(slots, sizes, indices)
+            checksums = await transfer.read_into_arena(slots, addresses, sizes)
             if checksums is None or persist:
                 await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == SYNC, checksums)
             else:
@@ -205,7 +251,7 @@ class BlockStore:
             raise ResourceExhaustedError(
                 f"a block of {too_big[0]} bytes exceeds the memory tier's largest extent "
                 f"({self.memory.max_block} bytes); send it inline or raise --memory",
-                code="BLOCK_EXCEEDS_MEMORY_TIER",
+                code=ErrorCode.BLOCK_EXCEEDS_MEMORY_TIER,
             )
         deadline = time.monotonic() + self.reserve_timeout
         while True:
@@ -224,7 +270,7 @@ class BlockStore:
             if remaining <= 0:
                 raise ResourceExhaustedError(
                     "the memory tier is full of blocks in transfer or not yet written back; retry",
-                    code="CAPACITY_EXHAUSTED",
+                    code=ErrorCode.CAPACITY_EXHAUSTED,
                 )
             event = self._space
             try:
@@ -269,10 +315,15 @@ class BlockStore:
                 self._spawn(self._promote(key, block))
         return results
 
-    async def get_remote(self, keys: list[bytes], capacities: list[int], transfer) -> list[tuple[int, int, bool] | None]:
-        """(length, checksum, written) per key, None per miss, after ``transfer(arena_offsets,
-        lengths, indices)`` wrote each found block that fits into the caller's slot
-        ``indices[i]`` (``written`` is False for a block larger than its slot).
+    async def get_remote(
+        self, keys: list[bytes], capacities: list[int], addresses: list[int], transfer: Transfer
+    ) -> list[tuple[int, int, bool] | None]:
+        """(length, checksum, written) per key, None per miss, after
+        ``transfer.write_from_arena`` wrote each found block that fits into the
+        client's slot of ``capacities[i]`` bytes at ``addresses[i]`` (``written`` is
+        False for a block larger than its slot). A transfer that returns the
+        checksums of the bytes it copied has a block that no longer matches its
+        own answered as a miss, and dropped.
 
         Blocks only on disk are first read into the arena (verified, and promoted
         as clean copies), so every byte leaves from registered memory. A batch
@@ -287,14 +338,21 @@ class BlockStore:
             records = await self._run(lambda: [self.disk.lookup(keys[i]) for i in unknown])
             for i, record in zip(unknown, records):
                 lengths[i] = record.length if record is not None else None
+        parts = self._parts(lengths)
+        if len(parts) == 1:  # the usual case: no per-block regrouping
+            return await self._get_remote_part(keys, capacities, addresses, transfer)
         results: list[tuple[int, int, bool] | None] = [None] * len(keys)
-        for indices in self._parts(lengths):
-            part = await self._get_remote_part([keys[i] for i in indices], [capacities[i] for i in indices], indices, transfer)
+        for indices in parts:
+            part = await self._get_remote_part(
+                [keys[i] for i in indices], [capacities[i] for i in indices], [addresses[i] for i in indices], transfer
+            )
             for i, result in zip(indices, part):
                 results[i] = result
         return results
 
-    async def _get_remote_part(self, keys, capacities, indices, transfer) -> list[tuple[int, int, bool] | None]:
+    async def _get_remote_part(
+        self, keys, capacities, addresses, transfer: Transfer
+    ) -> list[tuple[int, int, bool] | None]:
         pinned: list[Resident | None] = [None] * len(keys)
         try:
             for i, key in enumerate(keys):
@@ -306,8 +364,8 @@ class BlockStore:
             if missing:
                 await self._load_into_arena(keys, missing, pinned)
             fits = [j for j, e in enumerate(pinned) if e is not None and e.length <= capacities[j]]
-            checksums = await transfer(
-                [pinned[j].offset for j in fits], [pinned[j].length for j in fits], [indices[j] for j in fits]
+            checksums = await transfer.write_from_arena(
+                [pinned[j].offset for j in fits], [addresses[j] for j in fits], [pinned[j].length for j in fits]
             )
             results = [
                 None if e is None else (e.length, e.checksum, e.length <= capacity)
@@ -467,6 +525,17 @@ class BlockStore:
         cut = len(ns.prefix)
         return [(key[cut:], length) for key, length in entries], truncated
 
+    def namespaces(self) -> list[Namespace]:
+        """Every namespace the disk tier keeps counters for, ordered by name."""
+        return [ns for ns, _ in self.disk.namespace_stats()]
+
+    async def scan(self, ns: Namespace, after: bytes, limit: int) -> tuple[list[tuple[bytes, int]], bool]:
+        """One page of the persisted blocks of ``ns``, in key order: up to ``limit``
+        (storage key, length) pairs after the storage key ``after`` (b"" for the
+        first page), and whether more follow. Blocks only in memory (not yet
+        written back) are not included."""
+        return await self._run(self.disk.scan, ns.prefix, after, limit)
+
     def namespace_counters(self, ns: Namespace) -> NamespaceCounters:
         dirty = [e for e in self.memory.dirty_entries() if e.key.startswith(ns.prefix)]
         return self.disk.counters_with(ns.prefix, dirty)
@@ -480,6 +549,34 @@ class BlockStore:
         self.memory.remove_prefix(ns.prefix)
         await self._run(self.disk.drop_namespace, ns)
         return counters
+
+    # -- statistics --------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        memory, disk = self.memory, self.disk
+        arena = memory.arena
+        disk_blocks, disk_bytes = disk.totals()
+        return StoreStats(
+            data_dir=str(disk.data_dir),
+            memory=TierStats(len(memory), memory.bytes, memory.capacity, arena.resident_bytes),
+            disk=TierStats(disk_blocks, disk_bytes, shutil.disk_usage(disk.data_dir).total),
+            namespaces=len(disk.namespaces),
+            corrupt_blocks=disk.corrupt_blocks,
+            evictions=memory.evictions,
+            arena_used_bytes=arena.allocator.used,
+        )
+
+    # -- the arena, for the data plane ----------------------------------------
+
+    def arena_buffer(self) -> memoryview:
+        """The memory tier's arena as one writable buffer: the data plane registers
+        it once and moves bytes through it at the offsets it is handed by
+        ``put_remote`` and ``get_remote``. Nothing else may write to it."""
+        return self.memory.arena.buffer
+
+    def prefault(self) -> None:
+        """Fault the arena's pages in on a background thread (see Arena.prefault)."""
+        self.memory.arena.prefault()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -511,7 +608,7 @@ def _verify(blocks: list[BlockIn], indices: list[int], checksums: list[int]) -> 
             raise InvalidArgumentError(
                 f"block {i}: xxh3-64 checksum {block.checksum:#018x} does not match the bytes read "
                 "from the client's region",
-                code="CHECKSUM_MISMATCH",
+                code=ErrorCode.CHECKSUM_MISMATCH,
                 index=i,
             )
 
@@ -522,13 +619,13 @@ def verify_block(value, length: int, expected: int, index: int) -> None:
     if actual_length != length:
         raise InvalidArgumentError(
             f"block {index}: length is {length} but the value has {actual_length} bytes",
-            code="LENGTH_MISMATCH",
+            code=ErrorCode.LENGTH_MISMATCH,
             index=index,
         )
     if xxh3(value) != expected:
         raise InvalidArgumentError(
             f"block {index}: xxh3-64 checksum {expected:#018x} does not match the value's bytes",
-            code="CHECKSUM_MISMATCH",
+            code=ErrorCode.CHECKSUM_MISMATCH,
             index=index,
         )
 

@@ -18,82 +18,11 @@ import pytest
 
 from kvstore._proto.v1 import data_pb2, errors_pb2
 from kvstore.client import Deadline, SyncClient
-from kvstore.client.transport import Connection, translate
+from kvstore.client.transport import Connection
+from kvstore.protocol.status import error_from_rpc as translate
 from kvstore.errors import WrongNodeError
 from kvstore.ring import Ring
-
-
-def cluster_client(cluster, tenant: str, **settings) -> SyncClient:
-    settings.setdefault("read_failures", "raise")  # a lost block must fail the test, not read as a miss
-    settings.setdefault("attempt_timeout", 2.0)
-    settings.setdefault("timeout", 30.0)
-    return SyncClient(cluster.endpoints, tenant=tenant, **settings)
-
-
-class Workload:
-    """Writers that record what was acknowledged and read it back as they go."""
-
-    def __init__(self, cluster, tenant: str, writers: int, seed: int) -> None:
-        self.cluster = cluster
-        self.tenant = tenant
-        self.acked: dict[bytes, bytes] = {}
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.failures: list[str] = []
-        self.put_errors = 0
-        self.reads = 0
-        self.threads = [threading.Thread(target=self._run, args=(w, seed + w), daemon=True) for w in range(writers)]
-
-    def _run(self, writer: int, seed: int) -> None:
-        rng = random.Random(seed)
-        kv = cluster_client(self.cluster, self.tenant)
-        try:
-            batch = 0
-            while not self.stop.is_set():
-                batch += 1
-                items = {
-                    f"w{writer}-b{batch}-{j}".encode(): rng.randbytes(rng.choice((512, 4096, 65536)))
-                    for j in range(8)
-                }
-                try:
-                    kv.put_many(items)
-                except Exception as exc:  # not acknowledged: allowed, but counted
-                    self.put_errors += 1
-                    if self.put_errors < 5:
-                        print(f"put failed (not acknowledged): {exc!r}")
-                else:
-                    with self.lock:
-                        self.acked.update(items)
-                with self.lock:
-                    sample = rng.sample(list(self.acked), min(16, len(self.acked)))
-                    expected = [self.acked[k] for k in sample]
-                try:
-                    got = kv.get_many(sample)
-                except Exception as exc:
-                    self.failures.append(f"get of acknowledged keys raised {exc!r}")
-                    continue
-                self.reads += len(sample)
-                for key, want, have in zip(sample, expected, got):
-                    if have != want:
-                        self.failures.append(f"{key!r}: {'missing' if have is None else 'wrong bytes'} (held by {self.holders(key)})")
-        finally:
-            kv.close()
-
-    def holders(self, key: bytes) -> list[str]:
-        """Which daemons hold ``key`` right now, asked one by one (for failure messages)."""
-        from tests.fault.test_rebalance import holders
-
-        return holders(self.cluster, self.tenant, key)
-
-    def __enter__(self) -> "Workload":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
+from tests.fault.support import Workload, cluster_client
 
 
 def kill_loop(local_cluster, tenant: str, cycles: int, interval: float) -> None:

@@ -8,7 +8,7 @@ Each case is sent three ways where it can be:
   ``kvstore-error-bin`` entry must hold the matching ``ErrorDetail``
   (code, the same message, the offending batch index);
 * through the SDK's translation of that very status
-  (``kvstore.client.transport.translate``), which must give the typed
+  (``kvstore.protocol.status.error_from_rpc``), which must give the typed
   exception with the same code and index;
 * through the SDK itself (``Client`` / ``SyncClient``), which refuses what it
   can check locally and translates what only the daemon can check.
@@ -34,7 +34,7 @@ from kvstore._proto.v1 import data_pb2 as pb
 from kvstore._proto.v1 import data_pb2_grpc, errors_pb2
 from kvstore.checksum import checksum
 from kvstore.client import Client, SyncClient
-from kvstore.client.transport import translate
+from kvstore.protocol.status import error_from_rpc as translate
 from kvstore.errors import InvalidArgumentError, UnavailableError
 from tests.conftest import free_port
 

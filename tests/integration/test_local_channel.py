@@ -16,7 +16,7 @@ from kvstore._proto.v1 import data_pb2
 from kvstore.checksum import checksum
 from kvstore.client import Client
 from kvstore.client.config import ClientConfig
-from kvstore.client.local import NO_EPOCH, PREAMBLE, REQUEST, RESPONSE, socket_address
+from kvstore.protocol.local_channel import NO_EPOCH, PREAMBLE, REQUEST, RESPONSE, socket_address
 from kvstore.server.config import ServerConfig
 from kvstore.server.daemon import Daemon
 from tests.conftest import wait_for

@@ -11,7 +11,8 @@ from kvstore.namespace import Namespace
 from kvstore.server.cluster import rebalance
 from kvstore.server.cluster.membership import Member, MemberList
 from kvstore.server.cluster.rebalance import Rebalancer
-from kvstore.server.cluster.state import ClusterState, Replication
+from kvstore.replication import Replication
+from kvstore.server.cluster.state import ClusterState
 from kvstore.server.storage.store import BlockIn, BlockStore
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 from kvstore._proto.v1 import cluster_pb2, data_pb2
-from kvstore.client.router import STAND_INS, ClusterView, DownNodes, Replication
+from kvstore.client.router import STAND_INS, ClusterView, DownNodes
+from kvstore.replication import Replication
 from kvstore.ring import Ring
 
 KEYS = [b"key-%d" % i for i in range(200)]

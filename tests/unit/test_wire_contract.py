@@ -66,15 +66,16 @@ class _FakeRpcError(grpc.RpcError):
     ],
 )
 def test_translate_statuses(status, cls):
-    from kvstore.client.transport import translate
+    from kvstore.protocol.status import error_from_rpc as translate
 
     err = translate(_FakeRpcError(status, "boom"), "h:1")
     assert type(err) is cls and "boom" in err.message and "h:1" in err.message
 
 
 def test_translate_reads_the_error_detail():
-    from kvstore.client.transport import ERROR_DETAIL_KEY, translate
-    from kvstore.server.rpc.status import trailing_metadata
+    from kvstore.protocol.metadata import ERROR_DETAIL as ERROR_DETAIL_KEY
+    from kvstore.protocol.status import error_from_rpc as translate
+    from kvstore.protocol.status import trailing_metadata
 
     sent = errors.InvalidArgumentError("key 3 is empty", code="EMPTY_KEY", index=3)
     err = translate(_FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "key 3 is empty", trailing_metadata(sent)), "h:1")
