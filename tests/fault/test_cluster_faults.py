@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 
 import grpc
 import pytest
 
 from kvstore._proto.v1 import data_pb2, errors_pb2
-from kvstore.client import Deadline, SyncClient
-from kvstore.client.transport import Connection
+from kvstore.client import Deadline
+from kvstore.client.connection import Connection
 from kvstore.protocol.status import error_from_rpc as translate
 from kvstore.errors import WrongNodeError
 from kvstore.ring import Ring

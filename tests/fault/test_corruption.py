@@ -20,7 +20,7 @@ import pytest
 from kvstore.client import SyncClient
 from kvstore.namespace import Namespace
 from tests.conftest import free_port, kvstore_cli
-from tests.fault.support import metric
+from tests.fault.support import flip, locate, metric, segment_files
 
 MAGIC = b"KVB1"
 # Record header, little endian: magic 4s | key length u16 | flags u16 | value length u64 |
@@ -28,34 +28,6 @@ MAGIC = b"KVB1"
 # A byte inside each field:
 HEADER_FIELDS = {"magic": 1, "key_length": 4, "value_length": 10, "checksum": 19, "crc": 33}
 HEADER_SIZE = 36
-
-
-def segment_files(data_dir: Path) -> list[Path]:
-    files = sorted((data_dir / "segments").glob("*.seg"))
-    assert files, f"no segment files under {data_dir / 'segments'}"
-    return files
-
-
-def locate(data_dir: Path, value: bytes) -> tuple[Path, int]:
-    """The segment file and offset holding ``value`` (which must occur exactly once)."""
-    hits = []
-    for path in segment_files(data_dir):
-        data = path.read_bytes()
-        at = data.find(value)
-        while at >= 0:
-            hits.append((path, at))
-            at = data.find(value, at + 1)
-    assert len(hits) == 1, f"value found {len(hits)} times in the segments"
-    return hits[0]
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        assert len(byte) == 1
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def recognizable(rng: random.Random, key: bytes, size: int) -> bytes:

@@ -10,8 +10,7 @@ import time
 
 from kvstore.client import SyncClient
 from tests.etcd_server import etcd_server  # noqa: F401  (a real etcd per test)
-from tests.fault.test_cluster_faults import Workload, cluster_client
-from tests.fault.test_rebalance import Readers, wait_for_placement
+from tests.fault.support import Readers, Workload, cluster_client, wait_for_placement
 
 
 def wait_for_members(cluster, tenant: str, timeout: float = 30.0) -> dict:

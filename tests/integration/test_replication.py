@@ -9,9 +9,10 @@ import os
 
 from kvstore._proto.v1 import data_pb2
 from kvstore.client import SyncClient
-from kvstore.client.transport import Connection
+from kvstore.client.connection import Connection
 from kvstore.ring import Ring
 from tests.conftest import kvstore_cli
+from tests.fault.support import flip, locate
 
 
 def delete_on(address: str, tenant: str, keys: list[bytes]) -> int:
@@ -113,8 +114,6 @@ def get_on(address: str, tenant: str, key: bytes) -> bytes | None:
 
 
 def test_a_corrupt_replica_is_dropped_and_repaired_on_read(local_cluster, tenant):
-    from tests.fault.test_corruption import flip, locate
-
     cluster = local_cluster(3, "--replicas", "2")
     key = b"precious"
     value = b"<<precious>>" + os.urandom(50_000)
