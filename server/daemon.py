@@ -75,7 +75,7 @@ class Daemon:
             io_threads=config.io_threads,
             writeback_delay=config.writeback_delay,
         )
-        self.store.memory.arena.prefault()
+        self.store.prefault()
         limit = config.max_message_bytes
         self.server = grpc.aio.server(
             options=[
@@ -92,7 +92,7 @@ class Daemon:
         if not config.node_id:
             config = self.config = config.replace(node_id=f"{socket.gethostname()}-{self.port}")
         self.dataplane = DataPlane(
-            self.store.memory.arena,
+            self.store.arena_buffer(),
             config.ucx_tls,
             enabled=config.data_plane,
             others_waiting=lambda: self.metrics.requests_in_flight > 1,
@@ -179,14 +179,14 @@ class Daemon:
 
     def _wire_gauges(self) -> None:
         store, m = self.store, self.metrics
-        m.tier_blocks.labels("memory").set_function(lambda: len(store.memory))
-        m.tier_bytes.labels("memory").set_function(lambda: store.memory.bytes)
-        m.tier_capacity.labels("memory").set_function(lambda: store.memory.capacity)
-        m.tier_blocks.labels("disk").set_function(lambda: store.disk.totals()[0])
-        m.tier_bytes.labels("disk").set_function(lambda: store.disk.totals()[1])
-        m.corrupt.set_function(lambda: store.disk.corrupt_blocks)
-        m.evictions.set_function(lambda: store.memory.evictions)
-        m.namespaces.set_function(lambda: len(store.disk.namespaces))
+        m.tier_blocks.labels("memory").set_function(lambda: store.stats().memory.blocks)
+        m.tier_bytes.labels("memory").set_function(lambda: store.stats().memory.bytes)
+        m.tier_capacity.labels("memory").set_function(lambda: store.stats().memory.capacity_bytes)
+        m.tier_blocks.labels("disk").set_function(lambda: store.stats().disk.blocks)
+        m.tier_bytes.labels("disk").set_function(lambda: store.stats().disk.bytes)
+        m.corrupt.set_function(lambda: store.stats().corrupt_blocks)
+        m.evictions.set_function(lambda: store.stats().evictions)
+        m.namespaces.set_function(lambda: store.stats().namespaces)
         status = self.rebalancer.status
         m.cluster_nodes.set_function(lambda: len(self.cluster.members.members))
         m.rebalance_scanned.set_function(lambda: status.keys_scanned)

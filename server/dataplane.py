@@ -18,11 +18,12 @@ RPC code, and knows nothing of sessions or UCX.
 Co-located clients go faster: a region the client allocated as shared memory
 (a sealed memfd, kvstore._native.shared_memory) is mapped by the daemon, which
 then moves a block with one memcpy between that mapping and the arena, hashing
-it on the way (``copy_from_client``/``copy_to_client``, off the event loop, the
-GIL released). Only client memory is ever shared; the arena stays private. A
-mapping lives as long as the client holds the memory: the daemon watches the
-client's process (a pidfd) and drops its session when it exits, and unmaps a
-region the client closed when it next maps one.
+it on the way (``SharedMemoryTransfer``; on a copy thread with the GIL
+released, or on the event loop when the batch is small or its request is the
+only one being served). Only client memory is ever shared; the arena stays
+private. A mapping lives as long as the client holds the memory: the daemon
+watches the client's process (a pidfd) and drops its session when it exits,
+and unmaps a region the client closed when it next maps one.
 
 That is not an access control on its own: UCX serves software-emulated RMA
 (TCP) for any peer that holds an endpoint to a worker, whatever rkey it
@@ -44,6 +45,7 @@ from typing import Callable
 
 from kvstore import errors
 from kvstore.protocol.codes import ErrorCode
+from kvstore.server.storage.transfer import Transfer
 
 log = logging.getLogger("kvstore.server.dataplane")
 
@@ -162,7 +164,7 @@ class DataPlane:
             )
         return session
 
-    async def transfer_for(self, client_id: str, region, *, put: bool) -> "SharedMemoryTransfer | RmaTransfer":
+    async def transfer_for(self, client_id: str, region, *, put: bool) -> Transfer:
         """How the bytes of one request move between the arena and the client's
         ``region`` (a ``RemoteRegion``): over its shared memory when it is shared
         memory this daemon can map, else by RMA. A put whose blocks omit their
@@ -273,16 +275,6 @@ class DataPlane:
 
         asyncio.get_running_loop().add_reader(session.pidfd, exited)
 
-    async def copy_from_client(self, mapping, arena_offsets, remote_addresses, sizes) -> list[int]:
-        """Copy blocks of a client's shared memory into arena extents; the xxh3-64 of each."""
-        offsets = [address - mapping.address for address in remote_addresses]
-        return await self._copy(self._arena, list(arena_offsets), mapping.buffer, offsets, list(sizes))
-
-    async def copy_to_client(self, mapping, arena_offsets, remote_addresses, sizes) -> list[int]:
-        """Copy arena extents into a client's shared memory; the xxh3-64 of each block's arena bytes."""
-        offsets = [address - mapping.address for address in remote_addresses]
-        return await self._copy(mapping.buffer, offsets, self._arena, list(arena_offsets), list(sizes))
-
     async def _copy(self, destination, destination_offsets, source, source_offsets, sizes) -> list[int]:
         if not sizes:
             return []
@@ -310,14 +302,6 @@ class DataPlane:
             ) from None
         finally:
             self._copying -= 1
-
-    async def read_from_client(self, session, rkey, arena_offsets, remote_addresses, sizes) -> None:
-        """RMA-read client bytes into arena extents."""
-        await self._transfer(session, "get_async", rkey, arena_offsets, remote_addresses, sizes)
-
-    async def write_to_client(self, session, rkey, arena_offsets, remote_addresses, sizes) -> None:
-        """RMA-write arena extents into the client's region, flushed before returning."""
-        await self._transfer(session, "put_async", rkey, arena_offsets, remote_addresses, sizes)
 
     async def _transfer(self, session, op, rkey, arena_offsets, remote_addresses, sizes) -> None:
         if not sizes:
@@ -364,8 +348,10 @@ class DataPlane:
 
 
 class SharedMemoryTransfer:
-    """A request's blocks copied between the arena and the client's shared memory
-    (one memcpy each, hashed on the way: ``Transfer`` with checksums)."""
+    """A request's blocks copied between the arena and the client's shared memory,
+    one memcpy each, hashed on the way (storage's ``Transfer``, with checksums).
+    Small batches are copied on the event loop, others on a copy thread
+    (``DataPlane._copy``)."""
 
     __slots__ = ("_plane", "_mapping")
     checksums_while_copying = True
@@ -375,15 +361,21 @@ class SharedMemoryTransfer:
         self._mapping = mapping
 
     async def read_into_arena(self, arena_offsets, remote_addresses, sizes) -> list[int]:
-        return await self._plane.copy_from_client(self._mapping, arena_offsets, remote_addresses, sizes)
+        """Copy blocks of the client's shared memory into arena extents; the xxh3-64 of each."""
+        mapping = self._mapping
+        offsets = [address - mapping.address for address in remote_addresses]
+        return await self._plane._copy(self._plane._arena, list(arena_offsets), mapping.buffer, offsets, list(sizes))
 
     async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> list[int]:
-        return await self._plane.copy_to_client(self._mapping, arena_offsets, remote_addresses, lengths)
+        """Copy arena extents into the client's shared memory; the xxh3-64 of each block's arena bytes."""
+        mapping = self._mapping
+        offsets = [address - mapping.address for address in remote_addresses]
+        return await self._plane._copy(mapping.buffer, offsets, self._plane._arena, list(arena_offsets), list(lengths))
 
 
 class RmaTransfer:
-    """A request's blocks moved by RMA through the client's session and the
-    region's remote key (``Transfer`` without checksums)."""
+    """A request's blocks moved by RMA through the client's endpoint and the
+    region's remote key (storage's ``Transfer``, without checksums)."""
 
     __slots__ = ("_plane", "_session", "_rkey")
     checksums_while_copying = False
@@ -394,7 +386,9 @@ class RmaTransfer:
         self._rkey = rkey
 
     async def read_into_arena(self, arena_offsets, remote_addresses, sizes) -> None:
-        await self._plane.read_from_client(self._session, self._rkey, arena_offsets, remote_addresses, sizes)
+        """RMA-read client bytes into arena extents."""
+        await self._plane._transfer(self._session, "get_async", self._rkey, arena_offsets, remote_addresses, sizes)
 
     async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> None:
-        await self._plane.write_to_client(self._session, self._rkey, arena_offsets, remote_addresses, lengths)
+        """RMA-write arena extents into the client's region, flushed before returning."""
+        await self._plane._transfer(self._session, "put_async", self._rkey, arena_offsets, remote_addresses, lengths)

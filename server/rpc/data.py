@@ -2,6 +2,14 @@
 
 Each handler validates its whole batch before touching storage, so a bad entry
 rejects the request with the entry's index and nothing of it is stored.
+
+A put that names a region (zero-copy) goes: rpc.handlers (parsing, error
+mapping, metrics) -> here (validation, routing) -> ``DataPlane.transfer_for``
+(the client's session and region resolved, shared memory or RMA chosen once:
+one ``Transfer``) -> ``BlockStore.put_remote`` with that transfer and each
+block's client address (storage.store: arena room reserved in storage.memory,
+filled by the transfer, verified, appended to storage.disk, published). A get
+with a region goes the same way to ``BlockStore.get_remote``.
 """
 
 from __future__ import annotations
@@ -77,28 +85,8 @@ class DataService:
         durability = durability_from_proto(request.durability, Durability(self.config.default_durability))
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
-            session = self.dataplane.session(request.client_id)
-            region = request.region
-            shared = await self.dataplane.shared_region(session, region)
-            if shared is not None:
-
-                async def transfer(arena_offsets, sizes, indices):
-                    remote = [addresses[i] for i in indices]
-                    return await self.dataplane.copy_from_client(shared, arena_offsets, remote, sizes)
-
-            else:
-                if region.shared_memory.checksums_omitted:
-                    raise InvalidArgumentError(
-                        "this daemon cannot map the client's shared memory; send the blocks' checksums",
-                        code=ErrorCode.SHARED_MEMORY_UNAVAILABLE,
-                    )
-                rkey = self.dataplane.remote_key(session, region.region_id, region.rkey)
-
-                async def transfer(arena_offsets, sizes, indices):
-                    remote = [addresses[i] for i in indices]
-                    await self.dataplane.read_from_client(session, rkey, arena_offsets, remote, sizes)
-
-            stored = await self.store.put_remote(ns, blocks, durability, transfer)
+            transfer = await self.dataplane.transfer_for(request.client_id, request.region, put=True)
+            stored = await self.store.put_remote(ns, blocks, durability, transfer, addresses)
         else:
             # Extracting and checksumming inline values copies them: off the loop.
             blocks = await self.store.offload(self._validated_blocks, ns, request)
@@ -191,25 +179,13 @@ class DataService:
             raise InvalidArgumentError(
                 f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code=ErrorCode.INVALID_ARGUMENT
             )
-        session = self.dataplane.session(request.client_id)
+        transfer = await self.dataplane.transfer_for(request.client_id, request.region, put=False)
         slots = request.slots
-        shared = await self.dataplane.shared_region(session, request.region)
-        if shared is not None:
-
-            async def transfer(arena_offsets, lengths, indices):
-                addresses = [slots[i].address for i in indices]
-                return await self.dataplane.copy_to_client(shared, arena_offsets, addresses, lengths)
-
-        else:
-            rkey = self.dataplane.remote_key(session, request.region.region_id, request.region.rkey)
-
-            async def transfer(arena_offsets, lengths, indices):
-                addresses = [slots[i].address for i in indices]
-                await self.dataplane.write_to_client(session, rkey, arena_offsets, addresses, lengths)
-
-        found = await self.store.get_remote(keys, [slot.capacity for slot in slots], transfer)
+        found = await self.store.get_remote(
+            keys, [slot.capacity for slot in slots], [slot.address for slot in slots], transfer
+        )
         # Over shared memory the daemon verified every checksum while it copied.
-        response = pb.GetResponse(shared_memory=shared is not None)
+        response = pb.GetResponse(shared_memory=transfer.checksums_while_copying)
         hits = sent = 0
         for block in found:
             if block is None:

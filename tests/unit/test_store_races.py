@@ -34,11 +34,14 @@ async def _read_while_deleting(tmp_path, victim: bytes) -> tuple[list, bytes]:
         store.disk.read = read_then_delete
         copied = bytearray(8192)
 
-        async def transfer(offsets, lengths, indices):
-            for offset, length in zip(offsets, lengths):
-                copied[:length] = store.memory.arena.view(offset, length)
+        class Transfer:  # storage's Transfer interface, the client's slot being ``copied``
+            checksums_while_copying = False
 
-        results = await store.get_remote([ns.storage_key(b"wanted")], [8192], transfer)
+            async def write_from_arena(self, offsets, addresses, lengths):
+                for offset, address, length in zip(offsets, addresses, lengths):
+                    copied[address : address + length] = store.memory.arena.view(offset, length)
+
+        results = await store.get_remote([ns.storage_key(b"wanted")], [8192], [0], Transfer())
         store.disk.read = read
         return results, bytes(copied[:5000])
     finally:

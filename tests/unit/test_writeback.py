@@ -95,12 +95,15 @@ async def test_a_put_that_needs_room_gets_it_from_queued_blocks(stores):
     for key, value in values.items():
         blocks = [block(key, value)]
 
-        async def transfer(offsets, sizes, indices, value=value):
-            for offset, size in zip(offsets, sizes):
-                store.memory.arena.view(offset, size)[:] = value
-            return None
+        class Transfer:  # storage's Transfer interface, with the client's bytes in ``value``
+            checksums_while_copying = False
 
-        await asyncio.wait_for(store.put_remote(NS, blocks, "memory", transfer), 4)
+            async def read_into_arena(self, offsets, addresses, sizes, value=value):
+                for offset, size in zip(offsets, sizes):
+                    store.memory.arena.view(offset, size)[:] = value
+                return None
+
+        await asyncio.wait_for(store.put_remote(NS, blocks, "memory", Transfer(), [0]), 4)
     assert store.writeback.batches >= 1
     await store.flush()
     assert {key: on_disk(store, key) for key in values} == values
