@@ -209,7 +209,7 @@ class Rebalancer:
             status.keys_scanned = status.keys_copied = status.bytes_copied = status.keys_dropped = 0
         status.epoch = epoch
         status.state = "running"
-        namespaces = sorted((ns for ns, _ in self.store.disk.namespace_stats()), key=lambda ns: ns.prefix)
+        namespaces = sorted(self.store.namespaces(), key=lambda ns: ns.prefix)
         status.keys_total = sum(self.store.namespace_counters(ns).blocks for ns in namespaces)
         complete = True
         for ns in namespaces:
@@ -222,7 +222,7 @@ class Rebalancer:
             while True:
                 if self.cluster.epoch != epoch:
                     return False  # the map changed under us: start over with the new one
-                page, truncated = await self.store.offload(self.store.disk.scan, ns.prefix, after, PAGE_KEYS)
+                page, truncated = await self.store.scan(ns, after, PAGE_KEYS)
                 if not page:
                     break
                 if not await self._settle_page(ns, [key for key, _ in page]):

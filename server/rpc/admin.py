@@ -7,9 +7,9 @@ import time
 
 from kvstore import __version__
 from kvstore._proto.v1 import admin_pb2 as pb
-from kvstore._proto.v1 import cluster_pb2, data_pb2
+from kvstore._proto.v1 import cluster_pb2
 from kvstore.namespace import validate_name
-from kvstore.protocol.convert import namespace_of, policy_to_proto
+from kvstore.protocol.convert import namespace_of, namespace_to_proto, policy_to_proto
 from kvstore.server.cluster.membership import Membership
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
@@ -56,12 +56,12 @@ class AdminService:
         if request.tenant:
             validate_name("tenant", request.tenant)
         response = pb.ListNamespacesResponse()
-        for ns, _ in self.store.disk.namespace_stats():
+        for ns in self.store.namespaces():
             if request.tenant and ns.tenant != request.tenant:
                 continue
             counters = self.store.namespace_counters(ns)
             response.namespaces.add(
-                namespace=data_pb2.Namespace(tenant=ns.tenant, subtenant=ns.subtenant),
+                namespace=namespace_to_proto(ns),
                 blocks=counters.blocks,
                 bytes=counters.bytes,
             )
@@ -90,8 +90,8 @@ class AdminService:
         return policy_to_proto(ns, self.cluster.replication(ns))
 
     async def server_stats(self, request, context) -> pb.ServerStatsResponse:
-        memory = self.store.memory
-        disk_blocks, disk_bytes = self.store.disk.totals()
+        stats = self.store.stats()
+        memory, disk = stats.memory, stats.disk
         total_requests = sum(
             sample.value
             for metric in self.metrics.requests.collect()
@@ -101,32 +101,26 @@ class AdminService:
         return pb.ServerStatsResponse(
             node_id=self.config.node_id,
             address=self.cluster.advertise,
-            data_dir=str(self.store.disk.data_dir),
+            data_dir=stats.data_dir,
             version=__version__,
             uptime_seconds=time.monotonic() - self.started,
             tiers=[
                 pb.TierStats(
-                    name="memory", blocks=len(memory), bytes=memory.bytes, capacity_bytes=memory.capacity,
-                    resident_bytes=memory.arena.resident_bytes,
+                    name="memory", blocks=memory.blocks, bytes=memory.bytes, capacity_bytes=memory.capacity_bytes,
+                    resident_bytes=memory.resident_bytes,
                 ),
-                pb.TierStats(name="disk", blocks=disk_blocks, bytes=disk_bytes, capacity_bytes=_disk_capacity(self.store)),
+                pb.TierStats(name="disk", blocks=disk.blocks, bytes=disk.bytes, capacity_bytes=disk.capacity_bytes),
             ],
-            namespaces=len(self.store.disk.namespaces),
-            corrupt_blocks=self.store.disk.corrupt_blocks,
-            evictions=memory.evictions,
+            namespaces=stats.namespaces,
+            corrupt_blocks=stats.corrupt_blocks,
+            evictions=stats.evictions,
             requests=int(total_requests),
             data_plane=self.dataplane.enabled,
             ucx_tls=self.dataplane.tls if self.dataplane.enabled else "",
             data_plane_clients=len(self.dataplane.sessions),
-            arena_used_bytes=memory.arena.allocator.used,
+            arena_used_bytes=stats.arena_used_bytes,
             cluster_epoch=self.cluster.epoch,
             cluster_nodes=len(self.cluster.members.members),
             membership=self.membership.status().get("kind", ""),
             rebalance=self.rebalance_status(),
         )
-
-
-def _disk_capacity(store: BlockStore) -> int:
-    import shutil
-
-    return shutil.disk_usage(store.disk.data_dir).total
