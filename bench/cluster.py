@@ -51,7 +51,7 @@ from bench import report
 from bench.measure import GB, BenchError
 from bench.peers import ServerProcess
 from bench.workers import collect_replies, serve_commands, spawn_workers, stop_workers
-from kvstore.client.localcluster import free_ports
+from kvstore.harness.ports import free_ports
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cluster.md"
 CONFIGS = ((1, 1), (2, 1), (3, 1), (3, 2))  # (daemons, replicas)

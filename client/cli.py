@@ -30,14 +30,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from kvstore import __version__
-from kvstore.client import localcluster
 from kvstore.client.config import DEFAULT_ENDPOINT
 from kvstore.client.sync import SyncClient
 from kvstore.errors import KVStoreError
+from kvstore.harness import cluster as localcluster
+from kvstore.harness.process import HarnessError
 from kvstore.units import format_size
 
 EXIT_MISS = 1
@@ -312,20 +312,21 @@ def run_cluster(args) -> int:
     except localcluster.AlreadyRunning as exc:
         print(f"kvstore: {exc}", file=sys.stderr)
         return EXIT_MISS
-    except (localcluster.ClusterError, KVStoreError) as exc:
+    except (HarnessError, KVStoreError) as exc:
         print(f"kvstore: {exc}", file=sys.stderr)
         return EXIT_ERROR
     raise AssertionError(action)
 
 
 def format_cluster(cluster: localcluster.LocalCluster) -> str:
-    lines = [f"{n.id:<8} {n.address:<21} pid {n.pid:<8} {Path(n.data_dir).parent}" for n in cluster.nodes]
+    lines = [f"{n.node_id:<8} {n.address:<21} pid {n.pid:<8} {n.data_dir.parent}" for n in cluster.nodes]
     if cluster.etcd is not None:
-        lines.append(f"{'etcd':<8} {cluster.etcd.endpoint:<21} pid {cluster.etcd.pid:<8} {Path(cluster.etcd.data_dir).parent}")
+        lines.append(f"{'etcd':<8} {cluster.etcd.endpoint:<21} pid {cluster.etcd.pid:<8} {cluster.etcd.data_dir.parent}")
+    endpoints = ",".join(cluster.endpoints)
     lines += [
         f"{len(cluster.nodes)} nodes up in {cluster.dir} (logs: nodeK/server.log; stop: kvstore cluster down --dir {cluster.dir})",
-        cluster.endpoints,
-        f"export KVSTORE_ENDPOINTS={cluster.endpoints}",
+        endpoints,
+        f"export KVSTORE_ENDPOINTS={endpoints}",
     ]
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ import pytest
 # this host; the tests' daemons and clients talk over loopback only.
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-from kvstore.client.localcluster import free_ports  # noqa: E402
+from kvstore.harness.ports import free_ports  # noqa: E402
 from kvstore.server.config import ServerConfig  # noqa: E402
 from kvstore.server.daemon import Daemon  # noqa: E402
 
