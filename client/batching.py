@@ -1,8 +1,9 @@
-"""Splitting big batches into bounded RPCs."""
+"""Splitting big batches into bounded RPCs, and running them a few at a time."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, TypeVar
+import asyncio
+from typing import Awaitable, Iterable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -25,3 +26,25 @@ def by_count_and_bytes(sizes: Sequence[int], max_items: int, max_bytes: int) -> 
         total += size
     if start < len(sizes):
         yield start, len(sizes)
+
+
+async def bounded(calls: Iterable[Awaitable[T]], concurrency: int) -> list[T]:
+    """Await ``calls`` with at most ``concurrency`` in flight; results in order.
+    When one fails, the others are cancelled and awaited before it is raised."""
+    calls = list(calls)
+    if len(calls) == 1:
+        return [await calls[0]]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(coro):
+        async with gate:
+            return await coro
+
+    tasks = [asyncio.ensure_future(gated(c)) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

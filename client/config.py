@@ -12,13 +12,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from kvstore.backoff import Backoff
+from kvstore.durability import DEFAULT as DEFAULT_DURABILITY
+from kvstore.durability import NAMES as DURABILITIES
 from kvstore.errors import ConfigError
 from kvstore.namespace import DEFAULT_SUBTENANT, DEFAULT_TENANT, validate_name
 from kvstore.settings import merge_layers, size_field
 from kvstore.units import parse_address
 
 DEFAULT_ENDPOINT = "127.0.0.1:7600"
-DURABILITIES = ("memory", "disk", "sync")
 TRANSPORTS = ("auto", "ucx", "inline")
 
 
@@ -57,12 +59,11 @@ class RetryPolicy:
             raise ConfigError("retry.attempts: must be at least 1")
         if self.backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
             raise ConfigError("retry: backoff values must be non-negative and multiplier at least 1")
+        object.__setattr__(self, "_delays", Backoff(self.backoff, self.multiplier, self.max_backoff))
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt number ``attempt`` (1-based; attempt 1 waits 0)."""
-        if attempt <= 1:
-            return 0.0
-        return min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 2))
+        return 0.0 if attempt <= 1 else self._delays.delay(attempt - 2)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class ClientConfig:
     # How often the cluster map is re-read from a daemon, in seconds.
     map_refresh: float = 5.0
     connect_timeout: float = 5.0
-    default_durability: str = "disk"
+    default_durability: str = DEFAULT_DURABILITY.value
     # Bounds of one RPC; bigger batches are split by the SDK.
     max_batch_keys: int = 1024
     max_batch_bytes: int = size_field(32 << 20)

@@ -1,16 +1,20 @@
-"""Running one batch against the replicas of its keys, and resuming it when a
-daemon fails under it.
+"""The replica engines: one batch against the replicas of its keys, resumed when
+a daemon fails under it.
 
 ``write`` sends every key to its R owners in parallel and succeeds once W of
 them hold it; ``read`` asks a key's owners in ring order until one has it. A
 sub-batch whose daemon dies, resets the connection, fails its data-plane
 endpoint or misses its attempt deadline is re-issued to the next node of the
-key's ring order; a daemon that answers WRONG_NODE makes the client refresh its
-map and route the keys again. The caller sees an error only when no replica
-could serve a key within the deadline and the retry policy.
+key's ring order; a daemon that answers WRONG_NODE makes the engine refresh
+the map (``Planner.refresh``) and plan the keys again. The caller sees an
+error only when no replica could serve a key within the deadline and the
+retry policy.
 
-``send(node, positions, timeout)`` does the actual RPC for the keys at
-``positions`` and returns one result per position (for reads, None = a miss).
+The engines know nothing of RPCs: a ``Planner`` says where each key goes (a
+``Plan`` per key) and ``send(node, positions, timeout)`` does one sub-batch's
+RPC for the keys at ``positions``, returning one result per position (for
+reads, None is a miss). Errors name the caller's entry: a batch that is part
+of a larger call passes its ``start``.
 """
 
 from __future__ import annotations
@@ -20,27 +24,48 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from kvstore import errors
 from kvstore.client.config import Deadline, RetryPolicy
 from kvstore.client.router import DownNodes
+from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.client")
 
 Send = Callable[[str, list[int], float], Awaitable[list[Any]]]
-# plan(i) -> (nodes in the order to try, how many of them to use first, write quorum)
-Plan = Callable[[int], tuple[list[str], int, int]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where one key's request goes.
+
+    ``order``: nodes in the order to try (owners first, then the nodes of the
+    ring that stand in for failed ones); ``count``: how many of them to use
+    when all answer (writes: the replicas; reads: the owners, then previous
+    owners while blocks move); ``quorum``: how many must hold a write."""
+
+    order: Sequence[str]
+    count: int
+    quorum: int = 0
+
+
+class Planner(Protocol):
+    def write_plan(self, key: bytes) -> Plan: ...
+
+    def read_plan(self, key: bytes) -> Plan: ...
+
+    async def refresh(self) -> None:
+        """Re-read the cluster map (a daemon said the keys are not its own)."""
 
 
 @dataclass
 class Call:
-    """What one SDK call may spend, and the client state its batches share."""
+    """What one SDK call may spend, and the down-node marks its batches share."""
 
     deadline: Deadline
     retry: RetryPolicy
     down: DownNodes
-    refresh: Callable[[], Awaitable[None]]
     concurrency: int
     started: float = field(default_factory=time.monotonic)
 
@@ -49,9 +74,6 @@ class Call:
         if left <= 0:
             raise errors.DeadlineExceededError(f"the call ran past its {self.deadline.total:g}s deadline")
         return min(self.deadline.attempt, left)
-
-    def expired(self) -> bool:
-        return time.monotonic() - self.started >= self.deadline.total
 
     async def backoff(self, attempt: int) -> bool:
         """Wait before retry round ``attempt``; False when the policy or deadline says stop."""
@@ -64,11 +86,11 @@ class Call:
         return True
 
 
-def _remap(exc: errors.KVStoreError, positions: list[int]) -> errors.KVStoreError:
-    """An error about entry j of a sub-batch, told about the caller's entry."""
-    if 0 <= exc.index < len(positions):
-        exc.index = positions[exc.index]
-    return exc
+@dataclass
+class ReadResult:
+    values: list[Any]
+    # Per key, the owners that answered "not here": candidates for read repair.
+    missed_on: list[list[str]]
 
 
 async def _send_all(call: Call, batches: dict[str, list[int]], send: Send) -> list[tuple[str, list[int], Any]]:
@@ -87,20 +109,23 @@ async def _send_all(call: Call, batches: dict[str, list[int]], send: Send) -> li
     return await asyncio.gather(*(one(node, positions) for node, positions in batches.items()))
 
 
-def _failed(call: Call, node: str, exc: errors.KVStoreError, positions: list[int]) -> None:
+def _failed(call: Call, node: str, exc: errors.KVStoreError, positions: list[int], start: int) -> None:
     """Note a failed sub-batch; raise unless another node may do better."""
     if isinstance(exc, errors.DataCorruptionError):
         return  # this replica's bytes arrived corrupt twice: another replica may be good
     if not exc.retryable:
-        raise _remap(exc, positions)
+        if 0 <= exc.index < len(positions):  # entry j of the sub-batch: the caller's entry
+            exc.index = start + positions[exc.index]
+        raise exc
     if not isinstance(exc, errors.WrongNodeError):
         call.down.mark(node)
     log.debug("%d keys failed on %s: %s; moving on", len(positions), node, exc)
 
 
-async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
-    """Store ``count`` keys on their owners; raise unless each reached its write quorum."""
-    plans = [plan(i) for i in range(count)]
+async def write(keys: Sequence[bytes], planner: Planner, send: Send, call: Call, start: int = 0) -> None:
+    """Store ``keys`` on their owners; raise unless each reached its write quorum."""
+    count = len(keys)
+    plans = [planner.write_plan(key) for key in keys]
     stored: list[set[str]] = [set() for _ in range(count)]
     tried: list[set[str]] = [set() for _ in range(count)]
     last: list[errors.KVStoreError | None] = [None] * count
@@ -108,16 +133,16 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
     attempt = 1
     while True:
         batches: dict[str, list[int]] = defaultdict(list)
-        for i, (order, replicas, _) in enumerate(plans):
-            want = replicas - len(stored[i])
+        for i, plan in enumerate(plans):
+            want = plan.count - len(stored[i])
             if want <= 0:
                 continue
-            ordered = call.down.prefer_up(order)
+            ordered = call.down.prefer_up(plan.order)
             for node in [n for n in ordered if n not in tried[i]][:want]:
                 batches[node].append(i)
                 tried[i].add(node)
         if not batches:
-            short = [i for i in range(count) if len(stored[i]) < plans[i][2]]
+            short = [i for i in range(count) if len(stored[i]) < plans[i].quorum]
             if not short:
                 return
             attempt += 1
@@ -126,10 +151,10 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
                 cause = last[i]
                 failures = "; ".join(f"{node}: {message}" for node, message in why[i].items())
                 raise errors.UnavailableError(
-                    f"block {i} reached {len(stored[i])} of the {plans[i][2]} replicas its write needs"
+                    f"block {start + i} reached {len(stored[i])} of the {plans[i].quorum} replicas its write needs"
                     f" (stored on {', '.join(sorted(stored[i])) or 'none'}; {failures})",
-                    code=cause.code if cause else "ERROR_CODE_UNSPECIFIED",
-                    index=i,
+                    code=cause.code if cause else ErrorCode.ERROR_CODE_UNSPECIFIED,
+                    index=start + i,
                 ) from cause
             for i in short:
                 tried[i] = set(stored[i])
@@ -141,37 +166,33 @@ async def write(count: int, plan: Plan, send: Send, call: Call) -> None:
                 for i in positions:
                     stored[i].add(node)
                 continue
-            _failed(call, node, outcome, positions)
+            _failed(call, node, outcome, positions, start)
             for i in positions:
                 last[i] = outcome
                 why[i][node] = outcome.message
             if isinstance(outcome, errors.WrongNodeError):
                 if not refreshed:
-                    await call.refresh()
+                    await planner.refresh()
                     refreshed = True
                 for i in positions:
-                    plans[i] = plan(i)
+                    plans[i] = planner.write_plan(keys[i])
 
 
-@dataclass
-class ReadResult:
-    values: list[Any]
-    # Per key, the owners that answered "not here": candidates for read repair.
-    missed_on: list[list[str]]
-
-
-async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_miss: bool) -> ReadResult:
+async def read(
+    keys: Sequence[bytes], planner: Planner, send: Send, call: Call, *, failures_as_miss: bool, start: int = 0
+) -> ReadResult:
     """Ask each key's nodes in turn until one has it, standing in the next
     nodes of the ring for failed ones."""
-    plans = [plan(i) for i in range(count)]
+    count = len(keys)
+    plans = [planner.read_plan(key) for key in keys]
     # First round: nodes known to be down yield their turn to the next nodes of
     # the ring; the key counts as not fully asked (failed) until a retry round,
     # which asks in plain ring order, reaches them.
-    orders = [call.down.prefer_up(order) for order, _, _ in plans]
-    limits = [asked for _, asked, _ in plans]
+    orders = [call.down.prefer_up(plan.order) for plan in plans]
+    limits = [plan.count for plan in plans]
     cursor = [0] * count
     if call.down.any_marked():
-        failed = [any(call.down.is_down(n) for n in order[:asked]) for order, asked, _ in plans]
+        failed = [any(call.down.is_down(n) for n in plan.order[: plan.count]) for plan in plans]
     else:
         failed = [False] * count
     done = [False] * count
@@ -188,7 +209,7 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
                 batches[orders[i][cursor[i]]].append(i)
             elif not failed[i]:
                 done[i] = True  # every node worth asking answered: a miss
-                log.debug("key %d: a miss on %s", i, ", ".join(missed[i]))
+                log.debug("key %d: a miss on %s", start + i, ", ".join(missed[i]))
         if not batches:
             unresolved = [i for i in range(count) if not done[i]]
             if not unresolved:
@@ -201,20 +222,20 @@ async def read(count: int, plan: Plan, send: Send, call: Call, *, failures_as_mi
                 i = unresolved[0]
                 cause = last[i]
                 raise errors.UnavailableError(
-                    f"block {i}: no replica answered" + (f": {cause.message}" if cause else ""),
-                    code=cause.code if cause else "ERROR_CODE_UNSPECIFIED",
-                    index=i,
+                    f"block {start + i}: no replica answered" + (f": {cause.message}" if cause else ""),
+                    code=cause.code if cause else ErrorCode.ERROR_CODE_UNSPECIFIED,
+                    index=start + i,
                 ) from cause
             for i in unresolved:
                 # A node that held the key failed: this time ask every node the
                 # plan names, in plain ring order (a map in flux may not name
                 # the holder among the first).
-                orders[i] = plans[i][0]
-                cursor[i], limits[i], failed[i] = 0, len(plans[i][0]), False
+                orders[i] = plans[i].order
+                cursor[i], limits[i], failed[i] = 0, len(plans[i].order), False
             continue
         for node, positions, outcome in await _send_all(call, batches, send):
             if isinstance(outcome, errors.KVStoreError):
-                _failed(call, node, outcome, positions)
+                _failed(call, node, outcome, positions, start)
                 for i in positions:
                     cursor[i] += 1
                     limits[i] += 1  # the next node of the ring stands in

@@ -59,7 +59,7 @@ class ClusterView:
         self._replication: dict[tuple[str, str], Replication] = {}
         # A cluster of one (the embedded default) with nothing moving: every key's
         # only node, without hashing each key.
-        self._only = self.ring.nodes[0] if len(self.ring) == 1 and self.previous_ring is None else None
+        self.sole_node = self.ring.nodes[0] if len(self.ring) == 1 and self.previous_ring is None else None
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -80,8 +80,8 @@ class ClusterView:
     def write_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
         """The key's owners and the next nodes of the ring that stand in for
         failed ones, in ring order, and how many of them are its owners."""
-        if self._only is not None:
-            return [self._only], 1
+        if self.sole_node is not None:
+            return [self.sole_node], 1
         replicas = self.replication(tenant, subtenant).replicas
         order = self.ring.owners(tenant, subtenant, key, min(len(self.ring), replicas + STAND_INS))
         return order, replicas
@@ -89,8 +89,8 @@ class ClusterView:
     def read_order(self, tenant: str, subtenant: str, key: bytes) -> tuple[list[str], int]:
         """Nodes to ask in turn, and how many of them are worth asking when all
         answer (owners, then previous owners); the rest stand in for failed ones."""
-        if self._only is not None:
-            return [self._only], 1
+        if self.sole_node is not None:
+            return [self.sole_node], 1
         order, replicas = self.write_order(tenant, subtenant, key)
         asked = order[:replicas]
         if self.previous_ring is not None:

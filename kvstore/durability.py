@@ -26,5 +26,5 @@ def parse(value) -> Durability:
         except ValueError:
             pass
     raise errors.InvalidArgumentError(
-        f"durability {value!r} is unknown; use {', '.join(repr(n) for n in NAMES)}", code=ErrorCode.UNKNOWN_DURABILITY
+        f"durability {value!r} is unknown; use {', '.join(map(repr, NAMES[:-1]))} or {NAMES[-1]!r}", code=ErrorCode.UNKNOWN_DURABILITY
     )

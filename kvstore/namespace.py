@@ -67,11 +67,6 @@ class Namespace:
         t, s = self.tenant.encode(), self.subtenant.encode()
         return bytes([len(t)]) + t + bytes([len(s)]) + s
 
-    @cached_property
-    def tenant_prefix(self) -> bytes:
-        t = self.tenant.encode()
-        return bytes([len(t)]) + t
-
     def storage_key(self, key: bytes) -> bytes:
         return self.prefix + key
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from kvstore.durability import DEFAULT as DEFAULT_DURABILITY
+from kvstore.durability import NAMES as DURABILITIES
 from kvstore.errors import ConfigError
 from kvstore.settings import merge_layers, size_field
 from kvstore.units import parse_address, parse_size
@@ -20,7 +22,6 @@ DEFAULT_LISTEN = "127.0.0.1:7600"
 DEFAULT_DATA_DIR = "./kvstore-data"
 DEFAULT_MEMORY = 1 << 30
 DEFAULT_MAX_VALUE = 256 << 20
-DURABILITIES = ("memory", "disk", "sync")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_value_size: int = size_field(DEFAULT_MAX_VALUE)
-    default_durability: str = "disk"
+    default_durability: str = DEFAULT_DURABILITY.value
     # Segment files roll over at this size (values are appended to segments).
     segment_size: int = size_field(1 << 30)
     # Group commit: how long a sync put may wait for others to share its fsync.

@@ -10,46 +10,55 @@ import sys
 
 from kvstore import __version__
 from kvstore.errors import KVStoreError
-from kvstore.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig
+from kvstore.durability import NAMES as DURABILITIES
+from kvstore.server.config import ServerConfig
+from kvstore.units import format_size
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig()  # the defaults, kept in one place: the help reads them
+
+    def size(value: int) -> str:
+        return format_size(value).replace(".0 ", " ").replace(" ", "")
+
     p = argparse.ArgumentParser(
         prog="kvstore-server",
         description="Serve KV-cache blocks: a memory tier over durable RocksDB-indexed storage.",
         epilog="Every flag can also be set as KVSTORE_<NAME> (e.g. KVSTORE_MEMORY=4GiB) or in the --config YAML file.",
     )
-    p.add_argument("--listen", help=f"gRPC address HOST:PORT (default {DEFAULT_LISTEN}; port 0 picks one)")
-    p.add_argument("--data-dir", help=f"directory for persisted blocks (default {DEFAULT_DATA_DIR})")
-    p.add_argument("--memory", help="memory-tier capacity, e.g. 1GiB (default 1GiB)")
+    p.add_argument("--listen", help=f"gRPC address HOST:PORT (default {d.listen}; port 0 picks one)")
+    p.add_argument("--data-dir", help=f"directory for persisted blocks (default {d.data_dir})")
+    p.add_argument("--memory", help=f"memory-tier capacity, e.g. 1GiB (default {size(d.memory)})")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
-    p.add_argument("--metrics-host", help="address for /metrics (default 127.0.0.1)")
-    p.add_argument("--max-value-size", help="largest block accepted (default 256MiB)")
-    p.add_argument("--default-durability", choices=("memory", "disk", "sync"), help="durability of puts that name none")
+    p.add_argument("--metrics-host", help=f"address for /metrics (default {d.metrics_host})")
+    p.add_argument("--max-value-size", help=f"largest block accepted (default {size(d.max_value_size)})")
+    p.add_argument(
+        "--default-durability", choices=DURABILITIES, help=f"durability of puts that name none (default {d.default_durability})"
+    )
     p.add_argument("--node-id", help="this daemon's name in the cluster (default HOSTNAME-PORT)")
     p.add_argument("--advertise", help="HOST:PORT clients and peers dial (default: the listen address)")
     p.add_argument("--peers", help="static cluster: id1=host:port,id2=host:port[@weight],... (default: a cluster of one)")
     p.add_argument("--etcd", help="dynamic cluster: etcd endpoints HOST:PORT[,...]")
-    p.add_argument("--etcd-prefix", help="etcd key prefix of this cluster (default /kvstore/default)")
-    p.add_argument("--etcd-ttl", type=float, help="membership lease TTL in seconds (default 10)")
-    p.add_argument("--replicas", type=int, help="copies of each block, cluster default (default 1)")
+    p.add_argument("--etcd-prefix", help=f"etcd key prefix of this cluster (default {d.etcd_prefix})")
+    p.add_argument("--etcd-ttl", type=float, help=f"membership lease TTL in seconds (default {d.etcd_ttl:g})")
+    p.add_argument("--replicas", type=int, help=f"copies of each block, cluster default (default {d.replicas})")
     p.add_argument("--write-quorum", type=int, help="replicas that must hold a write before it is acknowledged (default: a majority)")
     p.add_argument("--vnodes", type=int, help="virtual nodes per unit weight on the ring")
-    p.add_argument("--rebalance-rate", help="bandwidth for moving blocks after membership changes (default 256MiB per second)")
-    p.add_argument("--rebalance-interval", type=float, help="seconds between anti-entropy passes (default 30)")
+    p.add_argument("--rebalance-rate", help=f"bandwidth for moving blocks after membership changes (default {size(d.rebalance_rate)} per second)")
+    p.add_argument("--rebalance-interval", type=float, help=f"seconds between anti-entropy passes (default {d.rebalance_interval:g})")
     p.add_argument(
         "--writeback-delay", type=float,
-        help='seconds a "memory" put may wait for its write-back to disk while puts stream in (default 1; 0: at once)',
+        help=f'seconds a "memory" put may wait for its write-back to disk while puts stream in (default {d.writeback_delay:g}; 0: at once)',
     )
-    p.add_argument("--io-threads", type=int, help="threads for disk and copy work (default 4)")
-    p.add_argument("--drain-seconds", type=float, help="how long SIGTERM waits for in-flight requests (default 10)")
+    p.add_argument("--io-threads", type=int, help=f"threads for disk and copy work (default {d.io_threads})")
+    p.add_argument("--drain-seconds", type=float, help=f"how long SIGTERM waits for in-flight requests (default {d.drain_seconds:g})")
     p.add_argument("--ucx-tls", help='UCX transports of the data plane, e.g. "shm,tcp", "tcp", "all" (default: UCX chooses)')
     p.add_argument("--no-data-plane", dest="data_plane", action="store_const", const=False, help="serve inline values only")
     p.add_argument(
         "--no-local-channel", dest="local_channel", action="store_const", const=False,
         help="co-located clients send Data calls over gRPC too (not over the daemon's Unix socket)",
     )
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--log-level", help=f"DEBUG, INFO, WARNING or ERROR (default {d.log_level})")
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     p.add_argument("--version", action="version", version=f"kvstore-server {__version__}")
     return p

@@ -38,25 +38,25 @@ import asyncio
 import json
 import logging
 import math
-import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from aetcd import rpc
 
+from kvstore.backoff import Backoff
 from kvstore.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, KVStoreError, UnavailableError
 from kvstore.namespace import validate_name
 from kvstore.protocol.status import error_from_status
 from kvstore.server.cluster.membership import Member, MemberList, Membership
+from kvstore.server.config import ServerConfig
 from kvstore.units import parse_address
 
 log = logging.getLogger("kvstore.server.cluster.etcd")
 
-DEFAULT_PREFIX = "/kvstore/default"
-DEFAULT_TTL = 10.0
 DEFAULT_START_TIMEOUT = 30.0
+# Reconnects: 0.1 s doubling up to 2 s, spread ±20%.
+RECONNECT = Backoff(initial=0.1, multiplier=2.0, cap=2.0, jitter=0.2)
 
 _PUT = rpc.Event.EventType.PUT
 _DELETE = rpc.Event.EventType.DELETE
@@ -73,19 +73,6 @@ _CHANNEL_OPTIONS = (
 
 PolicyKey = tuple[str, str]
 PolicyTable = dict[PolicyKey, dict]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnect attempts: ``base`` doubling up to ``cap``, ±``jitter``."""
-
-    base: float = 0.1
-    cap: float = 2.0
-    jitter: float = 0.2
-
-    def delay(self, attempt: int) -> float:
-        raw = min(self.cap, self.base * (2 ** min(attempt, 30)))
-        return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
 class _SessionEnded(Exception):
@@ -169,10 +156,10 @@ class EtcdMembership(Membership):
         endpoints: Sequence[str],
         me: Member,
         *,
-        prefix: str = DEFAULT_PREFIX,
-        ttl: float = DEFAULT_TTL,
+        prefix: str = ServerConfig.etcd_prefix,
+        ttl: float = ServerConfig.etcd_ttl,
         start_timeout: float = DEFAULT_START_TIMEOUT,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = RECONNECT,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = endpoints.split(",")

@@ -167,7 +167,7 @@ class Readers:
                         self.failures.append(
                             f"{k!r}: {'missing' if v is None else 'wrong bytes'} [{self.phase}; "
                             f"held by {holders(self.cluster, self.tenant, k)}; map {kv.cluster_map()}; "
-                            f"order {kv._client._view.read_order(self.tenant, 'default', k)}]"
+                            f"order {kv._client._maps.view.read_order(self.tenant, 'default', k)}]"
                         )
         finally:
             kv.close()

@@ -375,7 +375,7 @@ async def test_sdk_reports_the_daemons_batch_index_and_stores_nothing(small_daem
     """A client that believes the limit is higher (a stale Hello) learns it from the daemon."""
     items = [(b"a", b"1"), (b"b", b"2"), (b"c", os.urandom(SMALL_MAX_VALUE + 1)), (b"d", b"4")]
     async with Client(small_daemon.address, tenant=tenant) as kv:
-        kv._limits.max_value_bytes = 1 << 20
+        kv._nodes.limits.max_value_bytes = 1 << 20
         with pytest.raises(InvalidArgumentError) as info:
             await kv.put_many(items)
         exc = info.value
@@ -384,7 +384,7 @@ async def test_sdk_reports_the_daemons_batch_index_and_stores_nothing(small_daem
         assert await kv.exists([k for k, _ in items]) == [False] * 4
     # Split into RPCs of two: the bad entry is the second of the second RPC, index 3 overall.
     async with Client(small_daemon.address, tenant=tenant, subtenant="split", max_batch_keys=2) as kv:
-        kv._limits.max_value_bytes = 1 << 20
+        kv._nodes.limits.max_value_bytes = 1 << 20
         with pytest.raises(InvalidArgumentError) as info:
             await kv.put_many(items[:2] + [(b"c", b"3"), (b"d", items[2][1])])
         assert (info.value.code, info.value.index) == ("VALUE_TOO_LARGE", 3)
@@ -424,12 +424,12 @@ async def test_checksum_not_matching_the_bytes(raw, value):
 async def test_sdk_translates_a_checksum_mismatch(daemon, tenant, monkeypatch, transport):
     """A writer whose checksums are wrong (a bug, a bit flip) is refused with the entry's index,
     whether values travel inline or are read from the client's memory by the daemon."""
-    import kvstore.client.api as api
+    import kvstore.client.writes as writes
     import kvstore.client.regions as regions
 
-    real = api.checksum
+    real = writes.checksum
     flipped = lambda data: real(data) ^ (1 if bytes(data) == b"flipped" else 0)  # noqa: E731
-    monkeypatch.setattr(api, "checksum", flipped)
+    monkeypatch.setattr(writes, "checksum", flipped)
     monkeypatch.setattr(regions, "checksum", flipped)
     async with Client(daemon.address, tenant=tenant, transport=transport) as kv:
         with pytest.raises(InvalidArgumentError) as info:

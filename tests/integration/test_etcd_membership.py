@@ -14,7 +14,8 @@ import pytest
 from aetcd import rpc
 
 from kvstore.errors import InvalidArgumentError, UnavailableError
-from kvstore.server.cluster.etcd import Backoff, EtcdMembership
+from kvstore.backoff import Backoff
+from kvstore.server.cluster.etcd import EtcdMembership
 from kvstore.server.cluster.membership import Member, MemberList
 from tests.conftest import wait_for
 from tests.etcd_server import etcd_server  # noqa: F401  (fixture)
@@ -22,7 +23,7 @@ from tests.etcd_server import etcd_server  # noqa: F401  (fixture)
 pytestmark = pytest.mark.timeout(60)
 
 TTL = 2.0  # seconds; etcd's floor with its default election timeout is 1.5
-FAST = Backoff(base=0.05, cap=0.3)
+FAST = Backoff(initial=0.05, cap=0.3)
 
 
 class Node:

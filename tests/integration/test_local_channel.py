@@ -34,19 +34,19 @@ KIB = 4096
 
 
 def conn_of(kv: Client):
-    (conn,) = kv._connections.values()
+    (conn,) = kv._nodes.connections.values()
     return conn
 
 
 def node_of(kv: Client) -> str:
-    (node,) = kv._view.nodes
+    (node,) = kv._maps.view.nodes
     return node
 
 
 async def failure(kv: Client, method: str, request) -> errors.KVStoreError:
     """The error one raw Data call fails with (past the SDK's own checks)."""
     with pytest.raises(errors.KVStoreError) as info:
-        await kv._node_call(node_of(kv), "data", method, request, 5)
+        await kv._maps.call(node_of(kv), "data", method, request, 5)
     return info.value
 
 
@@ -334,7 +334,7 @@ async def test_deadline_of_a_held_call(own_daemon, tenant):
         for kv in (local, grpc_only):
             started = asyncio.get_running_loop().time()
             with pytest.raises(errors.DeadlineExceededError) as info:
-                await kv._node_call(node_of(kv), "data", "Exists", request, 0.3)
+                await kv._maps.call(node_of(kv), "data", "Exists", request, 0.3)
             assert asyncio.get_running_loop().time() - started < 2
             assert info.value.message.endswith(f"[DEADLINE_EXCEEDED from {d.address}]")
             assert info.value.code == "ERROR_CODE_UNSPECIFIED" and info.value.index == -1 and info.value.retryable
@@ -378,9 +378,9 @@ async def test_daemon_death_and_restart(daemon_process, tenant):
             proc.proc.send_signal(signal.SIGSTOP)
             try:
                 with pytest.raises(errors.DeadlineExceededError):
-                    await kv._node_call(node_of(kv), "data", "Exists", request, 0.3)
+                    await kv._maps.call(node_of(kv), "data", "Exists", request, 0.3)
                 # Killed under a pending call: it fails as retryable UNAVAILABLE.
-                pending = asyncio.create_task(kv._node_call(node_of(kv), "data", "Exists", request, 10))
+                pending = asyncio.create_task(kv._maps.call(node_of(kv), "data", "Exists", request, 10))
                 await asyncio.sleep(0.2)
                 proc.kill9()
             finally:
@@ -474,7 +474,7 @@ async def test_requests_in_flight_counts_both_transports_and_every_ending(own_da
 
         ns = data_pb2.Namespace(tenant=tenant, subtenant="default")
         with pytest.raises(errors.DeadlineExceededError):  # the client gives up: the daemon cancels the call
-            await local._node_call(node_of(local), "data", "Exists", data_pb2.KeysRequest(namespace=ns, keys=[b"c"]), 0.05)
+            await local._maps.call(node_of(local), "data", "Exists", data_pb2.KeysRequest(namespace=ns, keys=[b"c"]), 0.05)
         await wait_for(lambda: held["cancelled"] == 1)
         bad = data_pb2.PutRequest(namespace=ns, durability=99)
         assert isinstance(await failure(local, "Put", bad), errors.InvalidArgumentError)

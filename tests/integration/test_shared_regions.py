@@ -90,7 +90,7 @@ async def test_plain_put_many_and_get_many_go_through_shared_staging(daemon_pid_
     async with Client(address, tenant=tenant, transport="ucx") as kv:
         await kv.put_many(values)
         assert await kv.get_many([k for k, _ in values] + [b"none"]) == [v for _, v in values] + [None]
-        assert kv._staging.region.shared.token in mapped_tokens(pid)
+        assert kv._nodes.staging.region.shared.token in mapped_tokens(pid)
 
 
 async def test_a_daemon_that_cannot_map_the_memory_reads_it_by_rma(daemon_pid_address, tenant):
@@ -181,7 +181,7 @@ async def test_a_client_restricted_to_tcp_shares_nothing(daemon_pid_address, ten
             await kv.put_from([b"t"], region, [0], [4])
             assert await kv.get_into([b"t"], region, [10], [4]) == [4]
             assert bytes(region.buffer[10:14]) == b"tcp!"
-        assert kv._staging.region.shared is None
+        assert kv._nodes.staging.region.shared is None
 
 
 def test_which_transport_lists_allow_shared_memory():

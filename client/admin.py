@@ -1,0 +1,107 @@
+"""Admin and statistics: namespace counters, daemon statistics, replication
+policies, listing and dropping namespaces; answers as plain dicts."""
+
+from __future__ import annotations
+
+from kvstore import errors
+from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
+from kvstore.client.mapcache import MapCache
+
+
+class Admin:
+    def __init__(self, namespace: data_pb2.Namespace, maps: MapCache) -> None:
+        self.namespace = namespace
+        self.maps = maps
+
+    async def stat(self) -> dict:
+        responses = await self.maps.broadcast("data", "Stat", data_pb2.StatRequest(namespace=self.namespace))
+        return {
+            "tenant": self.namespace.tenant,
+            "subtenant": self.namespace.subtenant,
+            "blocks": sum(r.stats.blocks for r in responses),
+            "bytes": sum(r.stats.bytes for r in responses),
+            "nodes": len(responses),
+        }
+
+    async def server_stats(self) -> dict:
+        return server_stats(await self.maps.any_node("admin", "ServerStats", admin_pb2.ServerStatsRequest()))
+
+    async def cluster_stats(self) -> list[dict]:
+        await self.maps.connect()
+        view = self.maps.view
+        timeout = min(2.0, self.maps.config.attempt_timeout)
+
+        async def stats(node: str) -> dict:
+            return server_stats(await self.maps.call(node, "admin", "ServerStats", admin_pb2.ServerStatsRequest(), timeout))
+
+        return [
+            {"node_id": node, "address": view.addresses[node], "up": False, "error": result.message}
+            if isinstance(result, errors.KVStoreError)
+            else {**result, "up": True}
+            for node, result in await self.maps.every_node(stats, view.nodes)
+        ]
+
+    async def set_replication(self, replicas: int, write_quorum: int) -> dict:
+        policy = cluster_pb2.NamespacePolicy(namespace=self.namespace, replicas=replicas, write_quorum=write_quorum)
+        responses = await self.maps.broadcast(
+            "admin", "SetNamespacePolicy", admin_pb2.SetNamespacePolicyRequest(policy=policy), tolerate=False
+        )
+        await self.maps.refresh()
+        applied = responses[0]
+        return {"replicas": applied.replicas, "write_quorum": applied.write_quorum}
+
+    async def replication(self) -> dict:
+        await self.maps.connect()
+        r = self.maps.view.replication(self.namespace.tenant, self.namespace.subtenant)
+        return {"replicas": r.replicas, "write_quorum": r.write_quorum}
+
+    async def namespaces(self, tenant: str) -> list[dict]:
+        merged: dict[tuple[str, str], dict] = {}
+        for r in await self.maps.broadcast("admin", "ListNamespaces", admin_pb2.ListNamespacesRequest(tenant=tenant)):
+            for n in r.namespaces:
+                entry = merged.setdefault(
+                    (n.namespace.tenant, n.namespace.subtenant),
+                    {"tenant": n.namespace.tenant, "subtenant": n.namespace.subtenant, "blocks": 0, "bytes": 0},
+                )
+                entry["blocks"] += n.blocks
+                entry["bytes"] += n.bytes
+        return [merged[k] for k in sorted(merged)]
+
+    async def drop_namespace(self) -> dict:
+        responses = await self.maps.broadcast(
+            "admin", "DropNamespace", admin_pb2.DropNamespaceRequest(namespace=self.namespace), tolerate=False
+        )
+        return {"blocks": sum(r.blocks for r in responses), "bytes": sum(r.bytes for r in responses)}
+
+
+def server_stats(r: admin_pb2.ServerStatsResponse) -> dict:
+    rebalance = r.rebalance
+    return {
+        "node_id": r.node_id,
+        "address": r.address,
+        "data_dir": r.data_dir,
+        "version": r.version,
+        "uptime_seconds": r.uptime_seconds,
+        "tiers": {
+            t.name: {"blocks": t.blocks, "bytes": t.bytes, "capacity_bytes": t.capacity_bytes, "resident_bytes": t.resident_bytes}
+            for t in r.tiers
+        },
+        "namespaces": r.namespaces,
+        "corrupt_blocks": r.corrupt_blocks,
+        "evictions": r.evictions,
+        "requests": r.requests,
+        "data_plane": {"enabled": r.data_plane, "ucx_tls": r.ucx_tls, "clients": r.data_plane_clients},
+        "arena_used_bytes": r.arena_used_bytes,
+        "cluster": {"epoch": r.cluster_epoch, "nodes": r.cluster_nodes, "membership": r.membership},
+        "rebalance": {
+            "state": rebalance.state or "idle",
+            "epoch": rebalance.epoch,
+            "keys_scanned": rebalance.keys_scanned,
+            "keys_total": rebalance.keys_total,
+            "keys_copied": rebalance.keys_copied,
+            "bytes_copied": rebalance.bytes_copied,
+            "keys_dropped": rebalance.keys_dropped,
+            "errors": rebalance.errors,
+            "last_error": rebalance.last_error,
+        },
+    }
