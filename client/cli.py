@@ -33,8 +33,9 @@ import sys
 from typing import Any
 
 from kvstore import __version__
-from kvstore.client.config import DEFAULT_ENDPOINT
+from kvstore.client.config import DEFAULT_ENDPOINT, ClientConfig
 from kvstore.client.sync import SyncClient
+from kvstore.durability import NAMES as DURABILITIES
 from kvstore.errors import KVStoreError
 from kvstore.harness import cluster as localcluster
 from kvstore.harness.process import HarnessError
@@ -71,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default=None, help="tenant (default $KVSTORE_TENANT or 'default')")
     p.add_argument("--subtenant", default=None, help="subtenant (default $KVSTORE_SUBTENANT or 'default')")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per request (default 60)")
+    p.add_argument("--timeout", type=float, default=None, help=f"seconds per request (default {ClientConfig.timeout:g})")
     p.add_argument("--version", action="version", version=f"kvstore {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     put = sub.add_parser("put", help="store FILE (or - for stdin) under KEY")
     put.add_argument("key")
     put.add_argument("file")
-    put.add_argument("--durability", choices=("memory", "disk", "sync"), default=None)
+    put.add_argument("--durability", choices=DURABILITIES, default=None, help=f"(default {ClientConfig.default_durability})")
 
     get = sub.add_parser("get", help="fetch KEY to stdout or -o FILE (exit 1 on a miss)")
     get.add_argument("key")
@@ -295,7 +296,7 @@ def run_cluster(args) -> int:
                  "\n".join(f"{r['name']:<6} pid {r['pid']:<8} {r['result']}" for r in report))
             return 0
         if action == "status":
-            endpoint = args.endpoint or (None if args.dir else os.environ.get("KVSTORE_ENDPOINTS"))
+            endpoint = args.endpoint or (None if args.dir else ClientConfig.environment().get("endpoints"))
             cluster = localcluster.LocalCluster.load(directory)
             if args.endpoint or (cluster is None and endpoint):
                 from kvstore.client.config import parse_endpoints
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"endpoints": args.endpoint, "tenant": args.tenant, "subtenant": args.subtenant}
     if args.timeout is not None:
         settings["timeout"] = args.timeout
-    if "KVSTORE_TRANSPORT" not in os.environ:
+    if "transport" not in ClientConfig.environment():
         # One-shot commands: registering a staging pool would cost more than it saves.
         settings["transport"] = "inline"
     try:

@@ -17,7 +17,7 @@ from kvstore.durability import DEFAULT as DEFAULT_DURABILITY
 from kvstore.durability import NAMES as DURABILITIES
 from kvstore.errors import ConfigError
 from kvstore.namespace import DEFAULT_SUBTENANT, DEFAULT_TENANT, validate_name
-from kvstore.settings import merge_layers, size_field
+from kvstore.settings import merge_layers, read_env, size_field
 from kvstore.units import parse_address
 
 DEFAULT_ENDPOINT = "127.0.0.1:7600"
@@ -141,6 +141,11 @@ class ClientConfig:
     @classmethod
     def load(cls, args: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> "ClientConfig":
         return merge_layers(cls, args=args or {}, environ=environ if environ is not None else os.environ, file=None)
+
+    @classmethod
+    def environment(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The settings the ``KVSTORE_*`` environment gives, by field name (unparsed)."""
+        return read_env({f.name for f in dataclasses.fields(cls)}, environ)
 
     @property
     def deadline(self) -> Deadline:
