@@ -16,7 +16,6 @@ from kvstore.protocol.convert import replication_of
 from kvstore.replication import Replication
 from kvstore.ring import DEFAULT_VNODES, Ring
 
-
 # Nodes after a key's owners that a request may move on to when owners fail.
 STAND_INS = 3
 

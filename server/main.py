@@ -9,8 +9,8 @@ import signal
 import sys
 
 from kvstore import __version__
-from kvstore.errors import KVStoreError
 from kvstore.durability import NAMES as DURABILITIES
+from kvstore.errors import KVStoreError
 from kvstore.server.config import ServerConfig
 from kvstore.units import format_size
 

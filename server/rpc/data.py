@@ -19,6 +19,7 @@ from kvstore.durability import Durability
 from kvstore.errors import InvalidArgumentError, WrongNodeError
 from kvstore.namespace import Namespace, validate_key
 from kvstore.protocol import metadata
+from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.convert import durability_from_proto, namespace_of, namespace_to_proto
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
@@ -27,7 +28,6 @@ from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.handlers import service
 from kvstore.server.rpc.wire import encode_get_response
 from kvstore.server.storage.store import BlockIn, BlockStore, verify_block
-from kvstore.protocol.codes import ErrorCode
 
 LIST_PAGE = 1000
 MAX_BATCH_KEYS = 100_000

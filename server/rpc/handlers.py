@@ -20,10 +20,10 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from kvstore import errors
-from kvstore.server.metrics import Metrics
 from kvstore.protocol import metadata
-from kvstore.protocol.status import status_of, trailing_metadata
 from kvstore.protocol.codes import ErrorCode
+from kvstore.protocol.status import status_of, trailing_metadata
+from kvstore.server.metrics import Metrics
 
 log = logging.getLogger("kvstore.server.rpc")
 

@@ -34,8 +34,8 @@ import rocksdict
 from kvstore.checksum import checksum as xxh3
 from kvstore.errors import ConfigError, InternalError, ResourceExhaustedError
 from kvstore.namespace import Namespace, range_end
-from kvstore.server.storage.segments import SegmentLog
 from kvstore.protocol.codes import ErrorCode
+from kvstore.server.storage.segments import SegmentLog
 
 log = logging.getLogger("kvstore.server.disk")
 

@@ -32,17 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.checksum import checksum as xxh3
+from kvstore.durability import Durability
 from kvstore.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from kvstore.namespace import Namespace
+from kvstore.protocol.codes import ErrorCode
 from kvstore.server.storage.disk import DiskTier, NamespaceCounters
 from kvstore.server.storage.memory import MemoryTier, Resident
 from kvstore.server.storage.transfer import Transfer
 from kvstore.server.storage.writeback import WriteBack
-from kvstore.protocol.codes import ErrorCode
 
 log = logging.getLogger("kvstore.server.store")
 
-MEMORY, DISK, SYNC = "memory", "disk", "sync"
 WRITEBACK_DELAY = 1.0  # seconds a "memory" put may wait for its write-back (server/storage/writeback.py)
 
 
@@ -132,17 +132,17 @@ class BlockStore:
 
     # -- put ---------------------------------------------------------------
 
-    async def put(self, ns: Namespace, blocks: list[BlockIn], durability: str) -> int:
+    async def put(self, ns: Namespace, blocks: list[BlockIn], durability: Durability) -> int:
         """Store a validated batch of inline values; returns once each reached ``durability``."""
         deletes_before = self._deletes
         seqs = [self._seq.next() for _ in blocks]
         slots = [self.memory.reserve(block.length) for block in blocks]
         # "memory" puts that found no arena room are written through to disk instead.
-        to_disk = [durability != MEMORY or slot is None for slot in slots]
+        to_disk = [durability != Durability.MEMORY or slot is None for slot in slots]
         if None in slots:
             self.writeback.hurry()  # so that later puts find room again
         try:
-            await self._run(self._fill_and_persist, blocks, slots, seqs, to_disk, durability == SYNC)
+            await self._run(self._fill_and_persist, blocks, slots, seqs, to_disk, durability == Durability.SYNC)
         except BaseException:
             self._release(slots, [block.length for block in blocks])
             raise
@@ -150,7 +150,7 @@ class BlockStore:
         return len(blocks)
 
     async def put_remote(
-        self, ns: Namespace, blocks: list[BlockIn], durability: str, transfer: Transfer, addresses: list[int]
+        self, ns: Namespace, blocks: list[BlockIn], durability: Durability, transfer: Transfer, addresses: list[int]
     ) -> int:
         """Store a batch whose bytes the data plane moves straight into the arena.
 
@@ -174,17 +174,17 @@ class BlockStore:
         return len(blocks)
 
     async def _put_remote_part(
-        self, blocks: list[BlockIn], indices: list[int], addresses: list[int], durability: str, transfer: Transfer
+        self, blocks: list[BlockIn], indices: list[int], addresses: list[int], durability: Durability, transfer: Transfer
     ) -> None:
         deletes_before = self._deletes
         sizes = [block.length for block in blocks]
         seqs = [self._seq.next() for _ in blocks]
         slots = await self._reserve_all(sizes)
-        persist = durability != MEMORY
+        persist = durability != Durability.MEMORY
         try:
             checksums = await transfer.read_into_arena(slots, addresses, sizes)
             if checksums is None or persist:
-                await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == SYNC, checksums)
+                await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == Durability.SYNC, checksums)
             else:
                 _verify(blocks, indices, checksums)  # numbers only: no need to leave the loop
         except BaseException:

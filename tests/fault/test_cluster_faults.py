@@ -18,8 +18,8 @@ import pytest
 from kvstore._proto.v1 import data_pb2, errors_pb2
 from kvstore.client import Deadline
 from kvstore.client.connection import Connection
-from kvstore.protocol.status import error_from_rpc as translate
 from kvstore.errors import WrongNodeError
+from kvstore.protocol.status import error_from_rpc as translate
 from kvstore.ring import Ring
 from tests.fault.support import Workload, cluster_client
 

@@ -34,8 +34,8 @@ from kvstore._proto.v1 import data_pb2 as pb
 from kvstore._proto.v1 import data_pb2_grpc, errors_pb2
 from kvstore.checksum import checksum
 from kvstore.client import Client, SyncClient
-from kvstore.protocol.status import error_from_rpc as translate
 from kvstore.errors import InvalidArgumentError, UnavailableError
+from kvstore.protocol.status import error_from_rpc as translate
 from tests.conftest import free_port
 
 ERROR_DETAIL_KEY = "kvstore-error-bin"
@@ -424,8 +424,8 @@ async def test_checksum_not_matching_the_bytes(raw, value):
 async def test_sdk_translates_a_checksum_mismatch(daemon, tenant, monkeypatch, transport):
     """A writer whose checksums are wrong (a bug, a bit flip) is refused with the entry's index,
     whether values travel inline or are read from the client's memory by the daemon."""
-    import kvstore.client.writes as writes
     import kvstore.client.regions as regions
+    import kvstore.client.writes as writes
 
     real = writes.checksum
     flipped = lambda data: real(data) ^ (1 if bytes(data) == b"flipped" else 0)  # noqa: E731

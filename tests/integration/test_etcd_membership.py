@@ -13,8 +13,8 @@ import grpc
 import pytest
 from aetcd import rpc
 
-from kvstore.errors import InvalidArgumentError, UnavailableError
 from kvstore.backoff import Backoff
+from kvstore.errors import InvalidArgumentError, UnavailableError
 from kvstore.server.cluster.etcd import EtcdMembership
 from kvstore.server.cluster.membership import Member, MemberList
 from tests.conftest import wait_for

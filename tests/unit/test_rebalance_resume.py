@@ -8,10 +8,10 @@ import pytest
 
 from kvstore.checksum import checksum
 from kvstore.namespace import Namespace
+from kvstore.replication import Replication
 from kvstore.server.cluster import rebalance
 from kvstore.server.cluster.membership import Member, MemberList
 from kvstore.server.cluster.rebalance import Rebalancer
-from kvstore.replication import Replication
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.storage.store import BlockIn, BlockStore
 

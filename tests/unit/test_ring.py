@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 import xxhash
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvstore.ring as ring_module
 from kvstore.errors import ConfigError, InvalidArgumentError
