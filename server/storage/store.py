@@ -33,7 +33,7 @@ from pathlib import Path
 
 from kvstore.checksum import checksum as xxh3
 from kvstore.durability import Durability
-from kvstore.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from kvstore.errors import InvalidArgumentError, KVStoreError, ResourceExhaustedError, UnavailableError
 from kvstore.namespace import Namespace
 from kvstore.protocol.codes import ErrorCode
 from kvstore.server.storage.disk import DiskTier, NamespaceCounters
@@ -182,7 +182,10 @@ class BlockStore:
         slots = await self._reserve_all(sizes)
         persist = durability != Durability.MEMORY
         try:
-            checksums = await transfer.read_into_arena(slots, addresses, sizes)
+            try:
+                checksums = await transfer.read_into_arena(slots, addresses, sizes)
+            except KVStoreError as exc:
+                raise _about_request(exc, indices) from None
             if checksums is None or persist:
                 await self._run(self._verify_and_persist, blocks, indices, slots, seqs, persist, durability == Durability.SYNC, checksums)
             else:
@@ -343,9 +346,12 @@ class BlockStore:
             return await self._get_remote_part(keys, capacities, addresses, transfer)
         results: list[tuple[int, int, bool] | None] = [None] * len(keys)
         for indices in parts:
-            part = await self._get_remote_part(
-                [keys[i] for i in indices], [capacities[i] for i in indices], [addresses[i] for i in indices], transfer
-            )
+            try:
+                part = await self._get_remote_part(
+                    [keys[i] for i in indices], [capacities[i] for i in indices], [addresses[i] for i in indices], transfer
+                )
+            except KVStoreError as exc:
+                raise _about_request(exc, indices) from None
             for i, result in zip(indices, part):
                 results[i] = result
         return results
@@ -364,9 +370,12 @@ class BlockStore:
             if missing:
                 await self._load_into_arena(keys, missing, pinned)
             fits = [j for j, e in enumerate(pinned) if e is not None and e.length <= capacities[j]]
-            checksums = await transfer.write_from_arena(
-                [pinned[j].offset for j in fits], [addresses[j] for j in fits], [pinned[j].length for j in fits]
-            )
+            try:
+                checksums = await transfer.write_from_arena(
+                    [pinned[j].offset for j in fits], [addresses[j] for j in fits], [pinned[j].length for j in fits]
+                )
+            except KVStoreError as exc:  # about the j-th block copied: the request's fits[j]
+                raise _about_request(exc, fits) from None
             results = [
                 None if e is None else (e.length, e.checksum, e.length <= capacity)
                 for e, capacity in zip(pinned, capacities)
@@ -629,3 +638,9 @@ def verify_block(value, length: int, expected: int, index: int) -> None:
             index=index,
         )
 
+
+def _about_request(exc: KVStoreError, positions) -> KVStoreError:
+    """An error about entry j of a transfer (or a part), told about the request's entry ``positions[j]``."""
+    if 0 <= exc.index < len(positions):
+        exc.index = positions[exc.index]
+    return exc

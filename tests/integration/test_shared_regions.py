@@ -208,3 +208,29 @@ async def test_concurrent_first_uses_map_a_region_once(daemon_pid_address, tenan
             got = await asyncio.gather(*(kv.get([b"c%d" % i][0]) for i in range(8)))
             assert got == [data[i << 20 : (i + 1) << 20].tobytes() for i in range(8)]
             del data
+
+
+async def test_a_slot_outside_the_shared_memory_is_named_by_its_index_in_the_request(daemon_pid_address, tenant):
+    """The daemon copies only the blocks it found: the bad slot's index is the
+    request's, not its place among the blocks copied."""
+    from kvstore import errors
+    from kvstore._proto.v1 import data_pb2
+
+    _, address = daemon_pid_address
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(1 << 20) as region:
+            region.buffer[:4] = b"data"
+            await kv.put_from([b"here"], region, [0], [4])
+            (node,) = kv._maps.view.nodes
+            outside = region.address + region.length + 4096
+            request = data_pb2.GetRequest(
+                namespace=kv.namespace,
+                keys=[b"absent", b"here"],
+                client_id=kv.client_id,
+                region=region.wire(),
+                slots=[data_pb2.RemoteSlot(address=region.address, capacity=16), data_pb2.RemoteSlot(address=outside, capacity=16)],
+            )
+            with pytest.raises(errors.InvalidArgumentError) as info:
+                await kv._maps.call(node, "data", "Get", request, 5)
+            assert info.value.index == 1 and "outside the client's shared memory" in info.value.message
+            assert await kv.get_into([b"here"], region, [64], [16]) == [4]  # the daemon serves on
