@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from bench import cluster, plot, report, ring, storage, suite
-from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, Daemon
+from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, start_daemon
 from bench.measure import BenchError, best_runs
 from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers
 from bench.progress import Progress
@@ -202,7 +202,7 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 run_dir = data_dir / f"run-{number + 1}"
                 # The daemon starts first so that a bad setting fails the run at once; it idles during the limits.
                 progress.stage(f"starting kvstore-server and client processes{run}")
-                daemon = Daemon(run_dir, memory, extra_args=("--ucx-tls", DAEMON_UCX_TLS)).start()
+                daemon = start_daemon(run_dir, memory, "--ucx-tls", DAEMON_UCX_TLS)
                 progress.stage(f"waiting for kvstore-server to prefault its memory tier{run}")
                 if Admin(daemon.address).wait_resident() is None:
                     notes.append("kvstore: the daemon's memory tier was still being prefaulted when the cases began.")
@@ -225,7 +225,7 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     progress.stage(f"stopping kvstore-server{run}")
                     pool.shutdown()
                     pool = None
-                    status = daemon.stop()
+                    status = daemon.stop(120)
                     settings["daemon_exit_status"] = settings["daemon_exit_status"] or status
                     shutil.rmtree(run_dir, ignore_errors=True)
             results += best_runs(kv_results)
@@ -259,7 +259,7 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if pool is not None:
             pool.shutdown()
         if daemon is not None:
-            daemon.stop()
+            daemon.stop(120)
         if owned_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
 

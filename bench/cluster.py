@@ -4,17 +4,18 @@ daemons (R=1), and the cost of R=2 against R=1 on 3 daemons.
 ``python -m bench cluster`` (also ``python -m bench.cluster``) runs, per repeat,
 for each configuration in turn (1 daemon, 2, 3, then 3 with R=2):
 
-  1. N real ``kvstore-server`` subprocesses on loopback, static membership
-     (``--node-id nodeK --peers node1=127.0.0.1:P1,...`` on ports chosen up
-     front), ``--replicas R``, a memory tier big enough for every block of
-     one case, each with a data dir of its own;
+  1. N real ``kvstore-server`` subprocesses on loopback (a kvstore.harness
+     ``LocalCluster``), static membership (``--node-id nodeK --peers
+     node1=127.0.0.1:P1,...`` on ports chosen up front), ``--replicas R``, a
+     memory tier big enough for every block of one case, each with a data
+     dir of its own;
   2. the same C client processes (``--clients``, default 3, for every
-     configuration, so that only the daemons change), each an SDK ``Client``
-     given every endpoint, with the SDK's default transport ("auto": the
-     zero-copy data plane when both sides have it) and buffers from
-     ``Client.allocate``; each puts its own keys with ``put_from`` in batches
-     of 32 blocks of 1 MiB, then reads them back with ``get_into``, and checks
-     every byte;
+     configuration, so that only the daemons change: a bench.workers
+     ``WorkerPool``), each an SDK ``Client`` given every endpoint, with the
+     SDK's default transport ("auto": the zero-copy data plane when both sides
+     have it) and buffers from ``Client.allocate``; each puts its own keys
+     with ``put_from`` in batches of 32 blocks of 1 MiB, then reads them back
+     with ``get_into``, and checks every byte;
   3. a timed put (durability "memory"), a wait for the daemons'
      write-back and ``sync`` so that background disk work stays out of the
      next case, a timed get of those keys, the namespace dropped, a timed put
@@ -36,22 +37,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import multiprocessing
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from bench import report
-from bench.measure import GB, BenchError
-from bench.peers import ServerProcess
-from bench.workers import collect_replies, serve_commands, spawn_workers, stop_workers
-from kvstore.harness.ports import free_ports
+from bench.measure import BenchError, Result
+from bench.workers import Case, WorkerPool
+from kvstore.harness.cluster import LocalCluster
+from kvstore.harness.daemon import BIND_FAILED
+from kvstore.harness.process import HarnessError
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cluster.md"
 CONFIGS = ((1, 1), (2, 1), (3, 1), (3, 2))  # (daemons, replicas)
@@ -61,11 +59,9 @@ CLIENTS = 3
 VOLUME, QUICK_VOLUME = 1 << 30, 96 << 20  # bytes per timed case over all clients
 REPEATS, QUICK_REPEATS = 5, 1
 TENANT, SUBTENANT = "bench", "cluster"
-HOST = "127.0.0.1"
-KEY_FIELD = 48  # every value starts with its key: a block answered for another key cannot pass
+SYSTEM = "kvstore cluster"
 OPS = ("put", "get", "put (disk)")
 SETTLE_TIMEOUT = 300.0
-BARRIER_TIMEOUT = 600.0
 NOTE = (
     "This machine has {cpus} CPU cores, shared by every daemon and every client process of a "
     "configuration: more daemons add no CPU, so aggregate scaling here is bounded by the machine, "
@@ -78,13 +74,9 @@ NOTE = (
 # -- the daemons -----------------------------------------------------------------
 
 
-def _env() -> dict:
-    # UCX's TCP transport would otherwise open connections on every interface; all of this is loopback.
-    return {**os.environ, "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo"), "PYTHONUNBUFFERED": "1"}
-
-
 class Cluster:
-    """N ``kvstore-server`` subprocesses that know each other through ``--peers``."""
+    """N ``kvstore-server`` subprocesses that know each other through ``--peers`` (a
+    kvstore.harness LocalCluster under ``root``), and the bench's admin calls to them."""
 
     def __init__(self, root: Path, nodes: int, replicas: int, memory: int, extra: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
@@ -92,64 +84,44 @@ class Cluster:
         self.replicas = replicas
         self.memory = memory
         self.extra = extra
-        self.ids = [f"node{i + 1}" for i in range(nodes)]
-        self.procs: list[ServerProcess] = []
-        self.endpoints: list[str] = []
+        self.local: LocalCluster | None = None
         self.exit_codes: list[int | None] = []
 
-    def _command(self, node: str, ports: dict[str, int]) -> list[str]:
-        peers = ",".join(f"{n}={HOST}:{ports[n]}" for n in self.ids)
-        return [
-            sys.executable, "-m", "kvstore.server",
-            "--listen", f"{HOST}:{ports[node]}",
-            "--data-dir", str(self.root / node),
-            "--memory", str(self.memory),
-            "--node-id", node,
-            "--peers", peers,
-            "--replicas", str(self.replicas),
-            # The bench waits for an INFO line; a KVSTORE_LOG_LEVEL in the environment must not hide it.
-            "--log-level", "INFO",
-            *self.extra,
-        ]
+    @property
+    def endpoints(self) -> list[str]:
+        return self.local.endpoints
 
     def start(self, timeout: float = 60, attempts: int = 2) -> "Cluster":
         for attempt in range(1, attempts + 1):
-            ports = dict(zip(self.ids, free_ports(self.nodes)))
-            self.procs = [ServerProcess(node, self._command(node, ports), env=_env()) for node in self.ids]
-            for proc in self.procs:
-                proc.start()
-            failed = [p for p in self.procs if not p.wait_for_log("listening on", timeout)]
-            if not failed:
-                self.endpoints = [f"{HOST}:{ports[n]}" for n in self.ids]
+            self.local = LocalCluster.create(
+                self.root,
+                self.nodes,
+                replicas=self.replicas,
+                memory=str(self.memory),
+                # INFO lines in the log tails a failed run prints, whatever KVSTORE_LOG_LEVEL says.
+                server_args=("--log-level", "INFO", *self.extra),
+                die_with_parent=True,
+            )
+            try:
+                self.local.start(timeout)
                 return self
-            logs = "\n".join(f"--- {p.name} (exit status {p.proc.poll()}) ---\n{p.log_tail()}" for p in failed)
-            self.stop()
-            # A port chosen up front can be taken by another program before the daemon binds it: once more.
-            if attempt == attempts or "in use" not in logs.lower():
-                raise BenchError(f"kvstore-server did not start:\n{logs}")
+            except HarnessError as exc:
+                # A port chosen up front can be taken by another program before the daemon binds it: once more.
+                if attempt == attempts or BIND_FAILED not in str(exc):
+                    raise BenchError(f"kvstore-server did not start: {exc}") from None
         raise AssertionError("unreachable")
 
     def stop(self, timeout: float = 60) -> list[int | None]:
-        """SIGTERM to every daemon at once, then wait for each (SIGKILL past ``timeout``)."""
-        for proc in self.procs:
-            if proc.alive():
-                proc.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            try:
-                proc.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-        # Each has exited by now (a second SIGTERM would cut a daemon's drain short): this joins the log drain.
-        self.exit_codes = [proc.stop(10) for proc in self.procs]
-        self.procs = []
+        """SIGTERM to every daemon at once, then wait for each (SIGKILL past ``timeout``); their exit statuses."""
+        self.local.stop(timeout)
+        self.exit_codes = [node.returncode for node in self.local.nodes]
         return self.exit_codes
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tails(self, lines: int = 15) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.log_tail(lines)}" for p in self.procs)
+        return "\n".join(f"--- {n.name} ---\n{n.log_tail(lines)}" for n in self.local.nodes)
 
     # -- admin calls from the bench process, on a short-lived inline client --
 
@@ -221,211 +193,17 @@ class Cluster:
 # -- the client processes ----------------------------------------------------------
 
 
-def block_key(tag: str, worker: int, call: int, slot: int) -> bytes:
-    key = f"c/{tag}/w{worker}/{call:05d}.{slot:03d}".encode()
-    if len(key) > KEY_FIELD:
-        raise BenchError(f"key {key!r} is longer than the {KEY_FIELD}-byte key field")
-    return key
-
-
-class _Worker:  # pragma: no cover - runs in a child process
-    """One client process's SDK client, buffers and timed calls."""
-
-    def __init__(self, index: int, spec: dict) -> None:
-        import numpy as np
-
-        from kvstore.client import Client
-
-        self.np = np
-        self.index = index
-        self.size, self.batch, self.calls = spec["block_size"], spec["batch"], spec["calls"]
-        self.loop = asyncio.new_event_loop()
-        self.client = Client(spec["endpoints"], tenant=TENANT, subtenant=SUBTENANT)  # transport "auto"
-        self.loop.run_until_complete(self.client.connect())
-        rng = np.random.default_rng(1234)
-        self.bodies = [np.frombuffer(rng.bytes(self.size - KEY_FIELD), dtype=np.uint8) for _ in range(4)]
-        self.src_region = self._buffer(self.batch * self.size)
-        self.dst_region = self._buffer(self.calls * self.batch * self.size)
-        self.src = np.frombuffer(self.src_region.buffer, dtype=np.uint8)
-        self.dst = np.frombuffer(self.dst_region.buffer, dtype=np.uint8)
-        for slot in range(self.batch):
-            self._block(self.src, slot)[KEY_FIELD:] = self.bodies[slot % len(self.bodies)]
-        self.offsets = [j * self.size for j in range(self.batch)]
-        self.sizes = [self.size] * self.batch
-        # One unmeasured batch put and read back: connections, data-plane endpoints and every
-        # daemon's mapping of this client's memory are set up outside the timed calls.
-        warm = [block_key(f"warm{spec['tag']}", index, 0, j) for j in range(self.batch)]
-        self._stamp(warm)
-        self._put(warm, "memory")
-        self._check(self._get(warm, 0), [warm], "warm-up get")
-
-    def _buffer(self, nbytes: int):
-        try:
-            return self.client.allocate(nbytes)  # shared memory a co-located daemon maps
-        except ImportError:  # no native module: a plain buffer, moved by inline copies
-            return self.client.register(bytearray(nbytes))
-
-    def _block(self, buf, slot: int):
-        return buf[slot * self.size : (slot + 1) * self.size]
-
-    def _key_field(self, key: bytes):
-        return self.np.frombuffer(key.ljust(KEY_FIELD, b"\0"), dtype=self.np.uint8)
-
-    def describe(self) -> dict:
-        c = self.client.config
-        return {
-            "zero_copy": bool(self.client.zero_copy),
-            "transport": c.transport,
-            "ucx_tls": c.ucx_tls,
-            "shared_memory_buffers": getattr(self.src_region, "shared", None) is not None,
-            "max_batch_bytes": c.max_batch_bytes,
-            "concurrency": c.concurrency,
-        }
-
-    def _stamp(self, keys: list[bytes]) -> None:
-        """Each key into the key field of its slot of the put buffer."""
-        for slot, key in enumerate(keys):
-            self._block(self.src, slot)[:KEY_FIELD] = self._key_field(key)
-
-    def _put(self, keys: list[bytes], durability: str) -> int:
-        n = len(keys)
-        return self.loop.run_until_complete(
-            self.client.put_from(keys, self.src_region, self.offsets[:n], self.sizes[:n], durability=durability)
-        )
-
-    def _get(self, keys: list[bytes], dst_offset: int) -> list:
-        offsets = [dst_offset + j * self.size for j in range(len(keys))]
-        return self.loop.run_until_complete(self.client.get_into(keys, self.dst_region, offsets, self.sizes[: len(keys)]))
-
-    def put(self, tag: str, durability: str, barrier) -> dict:
-        keys = [[block_key(tag, self.index, c, j) for j in range(self.batch)] for c in range(self.calls)]
-        latencies = []
-        barrier.wait(BARRIER_TIMEOUT)
-        started = time.perf_counter()
-        for call in keys:
-            self._stamp(call)  # 48 bytes per block, outside the timed call
-            began = time.perf_counter()
-            stored = self._put(call, durability)
-            latencies.append(time.perf_counter() - began)
-            if stored != len(call):
-                raise BenchError(f"a put stored {stored} of {len(call)} blocks")
-        finished = time.perf_counter()
-        return {"t0": started, "t1": finished, "latencies": latencies, "bytes": self.calls * self.batch * self.size}
-
-    def get(self, tag: str, barrier) -> dict:
-        keys = [[block_key(tag, self.index, c, j) for j in range(self.batch)] for c in range(self.calls)]
-        self.dst[:] = 0  # a get that writes nothing cannot pass
-        results, latencies = [], []
-        barrier.wait(BARRIER_TIMEOUT)
-        started = time.perf_counter()
-        for c, call in enumerate(keys):
-            began = time.perf_counter()
-            results.append(self._get(call, c * self.batch * self.size))
-            latencies.append(time.perf_counter() - began)
-        finished = time.perf_counter()
-        for c, got in enumerate(results):
-            self._check(got, keys, "get", first=c)
-        return {"t0": started, "t1": finished, "latencies": latencies, "bytes": self.calls * self.batch * self.size}
-
-    def _check(self, got: list, keys: list[list[bytes]], what: str, first: int = 0) -> None:
-        """Every block of call ``first`` of ``keys`` (read into dst at that call's place) is its key's value."""
-        call = keys[first]
-        np = self.np
-        if len(got) != len(call):
-            raise BenchError(f"{what}: {len(got)} results for {len(call)} keys")
-        for j, (key, n) in enumerate(zip(call, got)):
-            if n is None:
-                raise BenchError(f"{what}: missed {key!r}, which was just put")
-            if n != self.size:
-                raise BenchError(f"{what}: {n} bytes for {key!r}; {self.size} were put")
-            block = self._block(self.dst, first * self.batch + j)
-            if not (np.array_equal(block[:KEY_FIELD], self._key_field(key))
-                    and np.array_equal(block[KEY_FIELD:], self.bodies[j % len(self.bodies)])):
-                owner = bytes(block[:KEY_FIELD]).rstrip(b"\0")
-                raise BenchError(f"{what}: different bytes for {key!r} (its key field reads {owner!r})")
-
-    def close(self) -> None:
-        self.src = self.dst = None
-        for region in (self.src_region, self.dst_region):
-            region.close()
-        self.loop.run_until_complete(self.client.close())
-        self.loop.close()
-
-
-def _worker_main(index: int, conn, barrier) -> None:  # pragma: no cover - runs in a child
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops the pool
-    os.environ["UCX_NET_DEVICES"] = os.environ.get("UCX_NET_DEVICES", "lo")
-    worker: _Worker | None = None
-
-    def handle(command: str, arg: Any) -> Any:
-        nonlocal worker
-        if command == "open":
-            worker = _Worker(index, arg)
-            return worker.describe()
-        if command == "put":
-            return worker.put(arg["tag"], arg["durability"], barrier)
-        if command == "get":
-            return worker.get(arg["tag"], barrier)
-        if command == "close":
-            close()
-            return None
-        raise BenchError(f"unknown command {command!r}")
-
-    def close() -> None:
-        nonlocal worker
-        if worker is not None:
-            closing, worker = worker, None
-            closing.close()
-
-    serve_commands(conn, handle, [barrier], close)
-
-
-class Clients:
-    """``count`` spawned client processes, kept across configurations, driven over pipes."""
-
-    def __init__(self, count: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.count = count
-        self.barrier = ctx.Barrier(count)
-        self.procs, self.conns = spawn_workers(ctx, _worker_main, count, self.barrier, "bench-cluster-client")
-        self._all("start", None, send=False)
-
-    def _all(self, command: str, arg: Any, *, send: bool = True, timeout: float = 1800) -> list:
-        if send:
-            for conn in self.conns:
-                conn.send((command, arg))
-        replies, errors = collect_replies(self.conns, self.procs, range(len(self.conns)), command, timeout)
-        if errors:
-            self.barrier.reset()  # an aborted barrier must be usable again
-            raise BenchError(f"{command} failed:\n" + "\n".join(errors))
-        return replies
-
-    def open(self, spec: dict) -> list[dict]:
-        return self._all("open", spec)
-
-    def run(self, op: str, tag: str) -> dict:
-        if op == "get":
-            parts = self._all("get", {"tag": tag})
-        else:
-            parts = self._all("put", {"tag": tag, "durability": "disk" if op == "put (disk)" else "memory"})
-        seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
-        nbytes = sum(p["bytes"] for p in parts)
-        latencies = sorted(s for p in parts for s in p["latencies"])
-        return {
-            "bytes": nbytes,
-            "seconds": seconds,
-            "gbps": nbytes / seconds / GB if seconds > 0 else math.inf,
-            "calls": len(latencies),
-            "call_p50_ms": 1e3 * latencies[len(latencies) // 2],
-            "call_max_ms": 1e3 * latencies[-1],
-        }
-
-    def close_clients(self) -> None:
-        self._all("close", None)
-
-    def shutdown(self) -> None:
-        stop_workers(self.conns, self.procs)
-        self.procs, self.conns = [], []
+def summary(result: Result) -> dict:
+    """A timed case over every client process, as the JSON keeps it."""
+    latencies = sorted(result.latencies)
+    return {
+        "bytes": result.nbytes,
+        "seconds": result.seconds,
+        "gbps": result.gbps,
+        "calls": len(latencies),
+        "call_p50_ms": 1e3 * latencies[len(latencies) // 2],
+        "call_max_ms": 1e3 * latencies[-1],
+    }
 
 
 # -- the run -------------------------------------------------------------------
@@ -438,20 +216,27 @@ def daemon_memory(stored_bytes: int, nodes: int) -> int:
     return int(math.ceil((share * 1.6 + (256 << 20)) / (64 << 20))) * (64 << 20)
 
 
-def _measure(cluster: Cluster, pool: Clients, row: dict, name: str, ops, *, tag: str, calls: int,
+def _measure(cluster: Cluster, pool: WorkerPool, row: dict, name: str, ops, *, tag: str, calls: int,
              block_size: int, batch: int, log) -> None:
     """One repeat of every case of a started cluster, appended to ``row``."""
     cmap = cluster.cluster_map()
     if len(cmap["nodes"]) != cluster.nodes:
         raise BenchError(f"the cluster map has {len(cmap['nodes'])} nodes, not {cluster.nodes}")
     row["write_quorum"] = cmap["write_quorum"]
-    described = pool.open({"endpoints": cluster.endpoints, "block_size": block_size, "batch": batch, "calls": calls, "tag": tag})
+    # Every client is an SDK Client given every endpoint, with the SDK's default transport.
+    pool.open({"kind": "kvstore", "address": cluster.endpoints, "mode": "auto", "tenant": TENANT,
+               "subtenant": SUBTENANT, "warm_batch": True})
     try:
+        pool.prepare(block_size, batch, [calls * batch] * pool.processes)
+        described = pool.settings()
         row["client"] = described[0]
         row["zero_copy"] = all(d["zero_copy"] for d in described)
         cluster.settle()  # the warm-up batches' write-back
         for op in ops:
-            result = pool.run(op, f"{tag}{'d' if op == 'put (disk)' else 'm'}")
+            durability = "disk" if op == "put (disk)" else "memory"
+            # A get reads the keys of the "put" case before it: the same ``keys``.
+            case = Case(SYSTEM, op, "cl", block_size, batch, calls, pool.processes, f"{tag}{durability[0]}", durability)
+            result = summary(pool.run(case))
             row["repeats"].setdefault(op, []).append(result)
             log(f"{name}: {op}: {result['gbps']:.2f} GB/s ({report.size_label(result['bytes'])} in {result['seconds']:.2f} s)")
             if op == "put":
@@ -462,7 +247,7 @@ def _measure(cluster: Cluster, pool: Clients, row: dict, name: str, ops, *, tag:
             cluster.drop()  # every case starts from an empty store
             cluster.settle()
     finally:
-        pool.close_clients()
+        pool.close_driver()
     row["nodes"] = [
         {
             "node_id": s["node_id"],
@@ -510,9 +295,12 @@ def run(
     rows = {(n, r): {"daemons": n, "replicas": r, "repeats": {}, "daemon_exit_status": []} for n, r in configs}
     notes: list[str] = []
     pool = None
+    # UCX's TCP transport would otherwise open connections on every interface; all of this is
+    # loopback. Set here, so that the daemons and the client processes inherit it.
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
     try:
         log(f"starting {clients} client processes")
-        pool = Clients(clients)
+        pool = WorkerPool(clients, levels=(clients,))  # every case runs in every client at once
         # Repeats outside, configurations inside: a slow spell of the machine (other work, the
         # disk) falls on every configuration alike, and every repeat starts fresh daemons.
         for rep in range(repeats):
@@ -522,7 +310,7 @@ def run(
                 if repeats > 1:
                     name += f" ({rep + 1}/{repeats})"
                 # The most blocks the daemons hold at once (one case, the warm-up batches), R copies of each.
-                stored = (case_bytes + clients * batch * block_size) * replicas
+                stored = (case_bytes + 2 * clients * batch * block_size) * replicas
                 memory = row["daemon_memory"] = daemon_memory(stored, nodes)
                 cluster = Cluster(root / f"n{nodes}r{replicas}-{rep}", nodes, replicas, memory)
                 log(f"{name}: starting daemons ({report.size_label(memory)} memory tier each)")

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import sys
 import time
 from pathlib import Path
 
 from bench.measure import BenchError
-from bench.peers import ServerProcess
 from bench.workers import MIN_BLOCK_SIZE  # noqa: F401  (re-exported: the bench's smallest block)
+from kvstore.harness.daemon import DaemonProcess
+from kvstore.harness.process import HarnessError
 
 TENANT = "bench"
 SUBTENANT = "default"
-LISTENING = re.compile(r"listening on (\S+)")
 # The daemon's zero-copy data plane offers both; each client's ucx_tls picks its path.
 DAEMON_UCX_TLS = "shm,tcp"
 
@@ -41,52 +39,22 @@ MODES = {
 }
 
 
-class Daemon(ServerProcess):
-    """``kvstore-server`` on a free 127.0.0.1 port, stopped with SIGTERM (the
-    process plumbing is the peers' ServerProcess: a drained, bounded log)."""
-
-    def __init__(self, data_dir: Path, memory: str | int, *, extra_args: tuple[str, ...] = ()) -> None:
-        self.data_dir = Path(data_dir)
-        self.memory = str(memory)
-        self.extra_args = extra_args
-        self.address = ""
-        self.returncode: int | None = None
-        super().__init__("kvstore-server", self.command)
-
-    @property
-    def command(self) -> list[str]:
-        return [
-            sys.executable, "-m", "kvstore.server",
-            "--listen", "127.0.0.1:0",
-            "--data-dir", str(self.data_dir),
-            "--memory", self.memory,
-            # The address is read from an INFO line; a KVSTORE_LOG_LEVEL in the environment must not hide it.
-            "--log-level", "INFO",
-            *self.extra_args,
-        ]
-
-    def start(self, timeout: float = 60) -> "Daemon":
-        super().start()
-        if not self.wait_for_log("listening on", timeout):
-            exited = self.proc.poll()
-            self.stop(timeout=5)
-            why = f"exited with status {exited}" if exited is not None else f"was not listening after {timeout:.0f} s"
-            raise BenchError(f"kvstore-server {why}:\n{self.log_tail()}")
-        self.address = next(m.group(1) for m in map(LISTENING.search, list(self._log)) if m)
-        return self
-
-    def stop(self, timeout: float = 120) -> int | None:
-        """SIGTERM, then wait for the drain (it flushes write-backs); SIGKILL past ``timeout``."""
-        if self.proc is not None:
-            self.returncode = super().stop(timeout)
-            self.proc = None
-        return self.returncode
-
-    def __enter__(self) -> "Daemon":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
+def start_daemon(data_dir: Path, memory: str | int, *args: str) -> DaemonProcess:
+    """``kvstore-server`` on a free 127.0.0.1 port (a kvstore.harness DaemonProcess, its
+    output kept in memory), ready to serve; BenchError with its log if it does not start.
+    Stop it with ``stop(120)``: SIGTERM, then the drain (it flushes write-backs)."""
+    daemon = DaemonProcess(
+        data_dir,
+        "--memory", str(memory),
+        # INFO lines in the log tail a failed run prints, whatever KVSTORE_LOG_LEVEL says.
+        "--log-level", "INFO",
+        *args,
+        die_with_parent=True,
+    )  # fmt: skip
+    try:
+        return daemon.start(timeout=60)
+    except HarnessError as exc:
+        raise BenchError(f"kvstore-server did not start: {exc}") from None
 
 
 class Admin:

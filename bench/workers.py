@@ -129,6 +129,10 @@ class Driver:
     def describe(self) -> str:
         return ""
 
+    def settings(self) -> dict:
+        """The client's settings as data (after ``prepare``: its buffers' too)."""
+        return {}
+
     def prepare(self, block_size: int, batch: int, dst_blocks: int) -> None:
         raise NotImplementedError
 
@@ -162,7 +166,13 @@ class KvstoreDriver(Driver):
     ``ucx_tls`` "shm,tcp" or "tcp") with ``put_from``/``get_into``: "shm" on memory the SDK
     allocated (``Client.allocate``: shared with the co-located daemon, which copies with
     memcpy), "tcp" on registered numpy buffers (the daemon's RMA over UCX's TCP transport);
-    "inline" is transport "inline" with ``put_many``/``get_many`` (values in gRPC messages)."""
+    "inline" is transport "inline" with ``put_many``/``get_many`` (values in gRPC messages);
+    "auto" is the SDK's default transport with ``put_from``/``get_into`` on memory from
+    ``Client.allocate`` (registered numpy buffers without the native module).
+
+    ``spec["address"]`` is one daemon's address or a cluster's list of them; with
+    ``spec["warm_batch"]`` the unmeasured warm-up is a whole batch, spread over every
+    daemon of a cluster, so that each has mapped this client's memory before the timed calls."""
 
     TLS = {"shm": "shm,tcp", "tcp": "tcp"}
 
@@ -178,14 +188,15 @@ class KvstoreDriver(Driver):
             settings["max_batch_bytes"] = spec["max_batch_bytes"]
         if self.mode == "inline":
             settings["transport"] = "inline"
-        else:
+        elif self.mode != "auto":
             settings.update(transport="ucx", ucx_tls=self.TLS[self.mode])
         self.loop = asyncio.new_event_loop()
         self.client = Client(spec["address"], tenant=spec["tenant"], subtenant=spec["subtenant"], **settings)
         self.loop.run_until_complete(self.client.connect())
-        if self.mode != "inline" and not self.client.zero_copy:
+        if self.mode in self.TLS and not self.client.zero_copy:
             raise BenchError(f"kvstore {self.mode}: the client has no zero-copy data plane")
         self.regions: list = []
+        self.src_region = self.dst_region = None
 
     def describe(self):
         c = self.client.config
@@ -194,15 +205,37 @@ class KvstoreDriver(Driver):
             f"max_batch_bytes {c.max_batch_bytes >> 20} MiB, concurrency {c.concurrency}"
         )
 
+    def settings(self):
+        c = self.client.config
+        return {
+            "zero_copy": bool(self.client.zero_copy),
+            "transport": c.transport,
+            "ucx_tls": c.ucx_tls,
+            "shared_memory_buffers": getattr(self.src_region, "shared", None) is not None,
+            "max_batch_bytes": c.max_batch_bytes,
+            "concurrency": c.concurrency,
+        }
+
     def _run(self, coro):
         return self.loop.run_until_complete(coro)
 
+    def _allocate(self, nbytes: int):
+        """Memory the SDK allocates (Client.allocate): shared with the co-located daemon, which
+        copies each block with one memcpy, as Mooncake's shm client buffers are. None where
+        "auto" finds no native module to allocate with."""
+        try:
+            return self.client.allocate(nbytes)
+        except ImportError:
+            if self.mode != "auto":
+                raise
+            return None
+
     def prepare(self, block_size, batch, dst_blocks):
-        if self.mode == "shm":
-            # Memory the SDK allocates (Client.allocate): shared with the co-located daemon, which
-            # copies each block with one memcpy, as Mooncake's shm client buffers are.
-            self.src_region = self.client.allocate(batch * block_size)
-            self.dst_region = self.client.allocate(dst_blocks * block_size)
+        src_region = dst_region = None
+        if self.mode in ("shm", "auto"):
+            src_region, dst_region = self._allocate(batch * block_size), self._allocate(dst_blocks * block_size)
+        if src_region is not None:
+            self.src_region, self.dst_region = src_region, dst_region
             self.regions = [self.src_region, self.dst_region]
             src = np.frombuffer(self.src_region.buffer, dtype=np.uint8)
             dst = np.frombuffer(self.dst_region.buffer, dtype=np.uint8)
@@ -212,20 +245,21 @@ class KvstoreDriver(Driver):
             dst = np.zeros(dst_blocks * block_size, dtype=np.uint8)
         self._buffers(block_size, batch, src, dst)
         self.src_blocks = [self.values.block(self.src, j) for j in range(batch)]
-        if self.mode == "tcp":
+        if self.mode != "inline" and src_region is None:
             self.src_region = self.client.register(self.src)
             self.dst_region = self.client.register(self.dst)
             self.regions = [self.src_region, self.dst_region]
         if self.mode != "inline":
             self.put_offsets = [j * block_size for j in range(batch)]
-        # One unmeasured block per kind of call: first-call costs (rkey unpacking, lazy mappings) stay out.
+        # An unmeasured call per kind: first-call costs (rkey unpacking, lazy mappings) stay out.
+        width = batch if self.spec.get("warm_batch") else 1
         for durability in ("memory", "disk"):
-            warm = f"warm/{block_size}/{self.mode}/{durability}/w{self.worker}".encode()
-            self.values.stamp(self.src, [warm])
-            self.put([warm], durability)
-            got = self.get([warm], 0)
-            if got[0] is None:
-                raise BenchError(f"kvstore {self.mode}: the warm-up block {warm!r} was not found")
+            warm = [f"warm/{block_size}/{self.mode}/{durability}/w{self.worker}/{j}".encode() for j in range(width)]
+            self.values.stamp(self.src, warm)
+            self.put(warm, durability)
+            missing = [key for key, got in zip(warm, self.get(warm, 0)) if got is None]
+            if missing:
+                raise BenchError(f"kvstore {self.mode}: the warm-up block {missing[0]!r} was not found")
 
     def put(self, keys, durability):
         n = len(keys)
@@ -442,6 +476,8 @@ def _worker_main(index: int, conn, barriers: dict) -> None:  # pragma: no cover 
             close()
             driver = _driver_class(arg["kind"])(arg, index)
             return driver.describe()
+        if command == "settings":
+            return driver.settings()
         if command == "prepare":
             driver.release()
             driver.prepare(*arg)
@@ -547,6 +583,10 @@ class WorkerPool:
     def open(self, spec: dict) -> list[str]:
         """Build the driver in every worker (a client of the system ``spec`` names)."""
         return self._all("open", [spec] * self.processes)
+
+    def settings(self) -> list[dict]:
+        """Every worker's driver settings (``Driver.settings``)."""
+        return self._all("settings", [None] * self.processes)
 
     def prepare(self, block_size: int, batch: int, dst_blocks: list[int]) -> None:
         """Allocate (and register) each worker's buffers for ``block_size``; worker i's get

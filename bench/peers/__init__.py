@@ -29,15 +29,9 @@ beside this file), and a peer whose software is missing reports why through
 from __future__ import annotations
 
 import abc
-import collections
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -280,98 +274,9 @@ def _label(n: int) -> str:
 
 
 # -- server processes ----------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            return False
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _die_with_parent() -> list[str]:
-    """A command prefix that has the kernel SIGTERM the server if the bench dies without
-    stopping it (util-linux's ``setpriv --pdeathsig``; it fires when the thread that started
-    the server exits, so start peers from the main thread). Not a ``preexec_fn``: that makes
-    subprocess fork rather than vfork, and gRPC's fork handlers then restart its poller in
-    the child, whose epoll fd the child's close_fds closes before exec: SIGABRT."""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-
-
-class ServerProcess:
-    """One server subprocess: stdout and stderr drained by a thread into a bounded log."""
-
-    def __init__(self, name: str, argv: list[str], *, env: dict | None = None, cwd: str | None = None) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.cwd = cwd
-        self.proc: subprocess.Popen | None = None
-        self._log: collections.deque[str] = collections.deque(maxlen=300)
-        self._drain: threading.Thread | None = None
-
-    def start(self) -> "ServerProcess":
-        self.proc = subprocess.Popen(
-            _die_with_parent() + list(self.argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            env=self.env,
-            cwd=self.cwd,
-        )
-        self._drain = threading.Thread(target=self._read, name=f"bench-peer-{self.name}-log", daemon=True)
-        self._drain.start()
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.append(line)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_for_log(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in list(self._log)):
-                return True
-            if not self.alive():
-                return False
-            time.sleep(0.05)
-        return False
-
-    def stop(self, timeout: float = 20) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if self._drain is not None:
-            self._drain.join(5)
-        return proc.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "".join(list(self._log)[-lines:])
+# A peer starts its servers as kvstore.harness ServerProcesses (output kept in memory,
+# SIGTERMed by the kernel should the bench die first) on free ports from
+# kvstore.harness.ports, and waits for them with kvstore.harness.health.wait_for_port.
 
 
 def which(name: str, *extra_dirs: str) -> str | None:

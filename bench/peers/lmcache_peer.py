@@ -24,7 +24,10 @@ import struct
 import sys
 from typing import Sequence
 
-from bench.peers import Peer, PeerError, ServerProcess, free_port, wait_for_port
+from bench.peers import Peer, PeerError
+from kvstore.harness.health import wait_for_port
+from kvstore.harness.ports import free_port
+from kvstore.harness.process import ServerProcess
 
 HOST = "127.0.0.1"
 WHY_NOT_INSTALLED = (
@@ -75,8 +78,8 @@ class LMCachePeer(Peer):
             for _ in range(5):
                 self.port = free_port()
                 argv = [sys.executable, "-m", "lmcache.v1.server", HOST, str(self.port), "cpu"]
-                self._server = ServerProcess("lmcache", argv).start()
-                if wait_for_port(HOST, self.port, 60, self._server.alive):
+                self._server = ServerProcess("lmcache", argv, die_with_parent=True).start()
+                if wait_for_port(HOST, self.port, 60, self._server):
                     break
                 self._server.stop(5)
             else:

@@ -41,7 +41,10 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.peers import Peer, PeerError, ServerProcess, free_port, selftest, wait_for_port
+from bench.peers import Peer, PeerError, selftest
+from kvstore.harness.health import wait_for_port
+from kvstore.harness.ports import free_port
+from kvstore.harness.process import ServerProcess
 
 WHEEL = "mooncake-transfer-engine-non-cuda"
 INSTALL = f"pip install {WHEEL}; apt-get install libibverbs1"
@@ -233,9 +236,9 @@ class MooncakePeer(Peer):
                 "--enable_http_metadata_server=false",  # P2PHANDSHAKE: no metadata service
                 "--logtostderr",
             ]
-            self.master = ServerProcess("mooncake_master", argv, env=_server_env()).start()
+            self.master = ServerProcess("mooncake_master", argv, env=_server_env(), die_with_parent=True).start()
             if self.master.wait_for_log("Master service started", 30) and wait_for_port(
-                HOST, self.master_port, 10, self.master.alive
+                HOST, self.master_port, 10, self.master
             ):
                 return
             self.master.stop(5)
@@ -256,9 +259,9 @@ class MooncakePeer(Peer):
                 f"--threads={self.client_threads}",
                 "--logtostderr",
             ]
-            self.real_client = ServerProcess("mooncake_client", argv, env=_server_env()).start()
+            self.real_client = ServerProcess("mooncake_client", argv, env=_server_env(), die_with_parent=True).start()
             if self.real_client.wait_for_log("Starting real client service", 60) and wait_for_port(
-                HOST, self.client_port, 10, self.real_client.alive
+                HOST, self.client_port, 10, self.real_client
             ):
                 return
             self.real_client.stop(5)

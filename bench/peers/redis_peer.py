@@ -22,7 +22,10 @@ import sys
 import tempfile
 from typing import Sequence
 
-from bench.peers import Peer, PeerError, ServerProcess, free_port, selftest, wait_for_port, which
+from bench.peers import Peer, PeerError, selftest, which
+from kvstore.harness.health import wait_for_port
+from kvstore.harness.ports import free_port
+from kvstore.harness.process import ServerProcess
 
 INSTALL = "apt-get install redis-server; pip install 'redis[hiredis]'"
 
@@ -107,13 +110,13 @@ class RedisPeer(Peer):
             else:
                 self.socket_path = os.path.join(self._dir, "redis.sock")
                 address = ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
-            self._server = ServerProcess("redis", [*argv, *address], cwd=self._dir).start()
+            self._server = ServerProcess("redis", [*argv, *address], cwd=self._dir, die_with_parent=True).start()
             if self._server.wait_for_log("eady to accept connections", timeout=20):
                 break
             self._server.stop(5)
             if attempt == 4 or self.transport == "unix":
                 raise PeerError(f"redis-server did not start:\n{self._server.log_tail()}")
-        if self.transport == "tcp" and not wait_for_port("127.0.0.1", self.port, 10, self._server.alive):
+        if self.transport == "tcp" and not wait_for_port("127.0.0.1", self.port, 10, self._server):
             raise PeerError(f"redis-server is not listening on 127.0.0.1:{self.port}:\n{self._server.log_tail()}")
 
     def _connect(self) -> None:
