@@ -41,7 +41,7 @@ class ClusterError(HarnessError):
 
 
 class AlreadyRunning(ClusterError):
-    pass
+    """``up`` on a folder whose cluster runs in full."""
 
 
 @dataclass
@@ -51,7 +51,7 @@ class LocalCluster:
     Membership is static (every daemon gets ``--peers`` naming all of them), or
     through the cluster's own etcd, or through ``etcd_endpoints``, an etcd the
     cluster uses but does not run. ``spawn`` holds how its processes start
-    (``ServerProcess`` keywords: ``detach``, ``die_with_parent``, ``env``); it is
+    (``DaemonProcess`` keywords: ``detach``, ``die_with_parent``, ``env``); it is
     not part of the state file.
     """
 
@@ -102,7 +102,16 @@ class LocalCluster:
                     check_free(port)
                 except OSError as exc:
                     raise ClusterError(exc.strerror) from None
-        cluster = cls(root, [], None, replicas, write_quorum, memory, list(server_args), etcd_endpoints, spawn)
+        cluster = cls(
+            root,
+            [],
+            replicas=replicas,
+            write_quorum=write_quorum,
+            memory=memory,
+            server_args=list(server_args),
+            etcd_endpoints=etcd_endpoints,
+            spawn=spawn,
+        )
         cluster.nodes = [cluster._node(f"node{k}", ports[k - 1]) for k in range(1, nodes + 1)]
         if etcd:
             cluster.etcd = cluster._etcd(ports[nodes], ports[nodes + 1])
@@ -123,13 +132,12 @@ class LocalCluster:
             cluster = cls(
                 root,
                 [],
-                None,
-                state.get("replicas"),
-                state.get("write_quorum"),
-                state.get("memory", DEFAULT_MEMORY),
-                list(state.get("server_args", [])),
-                state.get("etcd_endpoints"),
-                spawn,
+                replicas=state.get("replicas"),
+                write_quorum=state.get("write_quorum"),
+                memory=state.get("memory", DEFAULT_MEMORY),
+                server_args=list(state.get("server_args", [])),
+                etcd_endpoints=state.get("etcd_endpoints"),
+                spawn=spawn,
             )
             cluster.nodes = [
                 cluster._node(n["id"], n["port"], data_dir=n["data_dir"], log_file=n["log"], pid=n.get("pid", 0))
