@@ -41,6 +41,7 @@ class MapCache:
         self._refresher: asyncio.Task | None = None
         self._refreshing: asyncio.Task | None = None
         self._stale_at = 0.0  # when a daemon last hinted that our map may be stale
+        self._sole_plans: tuple[Plan, Plan] | None = None
 
     # -- learning the map ----------------------------------------------------
 
@@ -87,6 +88,9 @@ class MapCache:
         if self.view is not None and self.view.epoch != cluster_map.epoch:
             log.info("cluster map epoch %d -> %d", self.view.epoch, cluster_map.epoch)
         self.view = ClusterView(cluster_map, self._aliases, prior=self.view)
+        # A cluster of one with nothing moving (the embedded default): every key has the same plans.
+        sole = self.view.sole_node
+        self._sole_plans = (Plan((sole,), 1, 1), Plan((sole,), 1)) if sole is not None else None
 
     async def refresh(self) -> None:
         """Re-read the map from the first node that answers (down nodes last)."""
@@ -134,11 +138,15 @@ class MapCache:
     # -- where keys go ---------------------------------------------------------
 
     def write_plan(self, key: bytes) -> Plan:
+        if self._sole_plans is not None:
+            return self._sole_plans[0]
         view = self.view  # read at call time: a WRONG_NODE refreshes it
         order, count = view.write_order(self.tenant, self.subtenant, key)
         return Plan(order, count, view.replication(self.tenant, self.subtenant).write_quorum)
 
     def read_plan(self, key: bytes) -> Plan:
+        if self._sole_plans is not None:
+            return self._sole_plans[1]
         order, count = self.view.read_order(self.tenant, self.subtenant, key)
         return Plan(order, count)
 

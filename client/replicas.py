@@ -24,7 +24,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol, Sequence
 
 from kvstore import errors
 from kvstore.client.config import Deadline, RetryPolicy
@@ -36,9 +36,8 @@ log = logging.getLogger("kvstore.client")
 Send = Callable[[str, list[int], float], Awaitable[list[Any]]]
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Where one key's request goes.
+class Plan(NamedTuple):
+    """Where one key's request goes (a named tuple: one is made per key of every call).
 
     ``order``: nodes in the order to try (owners first, then the nodes of the
     ring that stand in for failed ones); ``count``: how many of them to use
