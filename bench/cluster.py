@@ -74,7 +74,7 @@ NOTE = (
 # -- the daemons -----------------------------------------------------------------
 
 
-class Cluster:
+class BenchCluster:
     """N ``kvstore-server`` subprocesses that know each other through ``--peers`` (a
     kvstore.harness LocalCluster under ``root``), and the bench's admin calls to them."""
 
@@ -91,7 +91,7 @@ class Cluster:
     def endpoints(self) -> list[str]:
         return self.local.endpoints
 
-    def start(self, timeout: float = 60, attempts: int = 2) -> "Cluster":
+    def start(self, timeout: float = 60, attempts: int = 2) -> "BenchCluster":
         for attempt in range(1, attempts + 1):
             self.local = LocalCluster.create(
                 self.root,
@@ -216,7 +216,7 @@ def daemon_memory(stored_bytes: int, nodes: int) -> int:
     return int(math.ceil((share * 1.6 + (256 << 20)) / (64 << 20))) * (64 << 20)
 
 
-def _measure(cluster: Cluster, pool: WorkerPool, row: dict, name: str, ops, *, tag: str, calls: int,
+def _measure(cluster: BenchCluster, pool: WorkerPool, row: dict, name: str, ops, *, tag: str, calls: int,
              block_size: int, batch: int, log) -> None:
     """One repeat of every case of a started cluster, appended to ``row``."""
     cmap = cluster.cluster_map()
@@ -312,7 +312,7 @@ def run(
                 # The most blocks the daemons hold at once (one case, the warm-up batches), R copies of each.
                 stored = (case_bytes + 2 * clients * batch * block_size) * replicas
                 memory = row["daemon_memory"] = daemon_memory(stored, nodes)
-                cluster = Cluster(root / f"n{nodes}r{replicas}-{rep}", nodes, replicas, memory)
+                cluster = BenchCluster(root / f"n{nodes}r{replicas}-{rep}", nodes, replicas, memory)
                 log(f"{name}: starting daemons ({report.size_label(memory)} memory tier each)")
                 cluster.start()
                 try:
