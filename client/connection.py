@@ -52,7 +52,13 @@ class Connection:
 
         try:
             self.hello = await self.cluster.Hello(
-                cluster_pb2.HelloRequest(client_id=client_id, client_version=__version__, worker_address=worker_address),
+                cluster_pb2.HelloRequest(
+                    client_id=client_id,
+                    client_version=__version__,
+                    worker_address=worker_address,
+                    # The session our last Hello opened there, which this one replaces.
+                    previous_session=self.hello.session if self.hello is not None else b"",
+                ),
                 timeout=timeout,
                 wait_for_ready=wait,
             )

@@ -26,6 +26,7 @@ from kvstore.protocol.status import error_from_rpc
 
 # The daemon lost our data-plane session: greet it again and resend.
 SESSION_LOST = (ErrorCode.UNKNOWN_CLIENT, ErrorCode.TRANSFER_FAILED)
+ZERO_COPY_METHODS = ("Put", "Get")
 
 
 class Nodes:
@@ -155,8 +156,11 @@ class Nodes:
         await self._handshake(conn, timeout, seen=generation)
         return await self._send(conn, service, method, request, timeout, epoch)
 
-    @staticmethod
-    async def _send(conn: Connection, service: str, method: str, request, timeout: float, epoch: int):
+    async def _send(self, conn: Connection, service: str, method: str, request, timeout: float, epoch: int):
+        if method in ZERO_COPY_METHODS and service == "data" and request.HasField("region"):
+            # A zero-copy request names the data-plane session this daemon's Hello handed us.
+            request.client_id = self.client_id
+            request.session = conn.hello.session
         if service == "data":
             local = await conn.local_channel()
             if local is not None:

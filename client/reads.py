@@ -214,7 +214,6 @@ class Reads:
         request = data_pb2.GetRequest(
             namespace=self.namespace,
             keys=keys,
-            client_id=self.nodes.client_id,
             region=region.wire(),
             slots=[data_pb2.RemoteSlot(address=region.address + o, capacity=c) for o, c in zip(offsets, capacities)],
         )

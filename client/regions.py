@@ -62,7 +62,7 @@ class MemoryRegion:
 
     def wire(self) -> data_pb2.RemoteRegion:
         """The region as a zero-copy request names it."""
-        region = data_pb2.RemoteRegion(region_id=self.region_id, rkey=self.rkey)
+        region = data_pb2.RemoteRegion(region_id=self.region_id, rkey=self.rkey, address=self.address, length=self.length)
         if self.shared is not None:
             pid, fd, token, length = self.shared.descriptor
             region.shared_memory.pid = pid

@@ -150,7 +150,6 @@ class Writes:
         request = data_pb2.PutRequest(
             namespace=self.namespace,
             durability=durability_to_proto(level),
-            client_id=self.nodes.client_id,
             region=wire,
             blocks=[
                 data_pb2.BlockWrite(key=k, length=n, checksum=0 if omitted else c, remote_address=region.address + o)

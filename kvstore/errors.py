@@ -6,6 +6,8 @@
     │   │   └── TransportError        the data plane (UCX) failed to move bytes
     │   │       └── EndpointClosedError   the peer died or its endpoint closed
     │   ├── WrongNodeError            routed with a stale cluster map      (FAILED_PRECONDITION)
+    │   ├── SessionLostError          the daemon has no such data-plane session: Hello again
+    │   │                                                                  (FAILED_PRECONDITION)
     │   ├── DeadlineExceededError     no answer within the deadline        (DEADLINE_EXCEEDED)
     │   │   └── TransportTimeoutError UCX gave up waiting for the transport
     │   └── ResourceExhaustedError    memory/disk/quota full               (RESOURCE_EXHAUSTED)
@@ -60,6 +62,13 @@ class WrongNodeError(RetryableError):
     """The daemon does not own the key under its cluster map: refresh the map and resend."""
 
     default_code = ErrorCode.WRONG_NODE
+
+
+class SessionLostError(RetryableError):
+    """The daemon does not know the data-plane session a request named (it restarted,
+    the session expired or failed): say Hello again, then resend."""
+
+    default_code = ErrorCode.UNKNOWN_CLIENT
 
 
 class DeadlineExceededError(RetryableError):
@@ -142,6 +151,7 @@ __all__ = [
     "RegistrationError",
     "ResourceExhaustedError",
     "RetryableError",
+    "SessionLostError",
     "TransportError",
     "TransportTimeoutError",
     "UnavailableError",

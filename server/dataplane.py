@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -59,13 +60,17 @@ INLINE_COPY_BYTES = 4 << 20  # a batch this small is copied on the event loop (<
 # copy to a thread and waking the loop when it ends costs ~0.25 ms per call,
 # and a request that arrives meanwhile waits at most one copy (~2-4 ms).
 ALONE_INLINE_COPY_BYTES = 64 << 20
+SESSION_SECRET_BYTES = 16
+MAX_ADDRESS = (1 << 64) - 1
 
 
 @dataclass
 class ClientSession:
-    client_id: str
+    client_id: str  # what the client calls itself: for logs only, anyone may repeat it
+    secret: bytes  # what names the session in requests: handed to this client alone, never logged
     endpoint: object
-    rkeys: OrderedDict = field(default_factory=OrderedDict)  # (region_id, rkey bytes) -> RemoteKey
+    # (region_id, rkey bytes, address, length) -> RemoteKey bounded to that range
+    rkeys: OrderedDict = field(default_factory=OrderedDict)
     # (region_id, token) -> SharedMemory, or None when it could not be mapped
     shared: OrderedDict = field(default_factory=OrderedDict)
     pidfd: int = -1  # the client's process, watched once it shared memory
@@ -131,45 +136,48 @@ class DataPlane:
         self._copies = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvstore-copy")
         self.enabled = True
 
-    def hello(self, client_id: str, worker_address: bytes) -> None:
-        """Open (or reopen) the endpoint to a client's worker."""
-        if not self.enabled:
-            return
+    def hello(self, client_id: str, worker_address: bytes, previous: bytes = b"") -> bytes:
+        """Open an endpoint to a client's worker; the secret that names the new
+        session. ``previous``, a session the same client had, is closed."""
         if not client_id:
             raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code=ErrorCode.UNKNOWN_CLIENT)
-        old = self.sessions.pop(client_id, None)
-        if old is not None:
-            old.close()
+        old = self.sessions.get(previous) if previous else None
+        if old is not None and old.client_id == client_id:
+            self.drop(previous)
         try:
             endpoint = self.worker.connect(bytes(worker_address))
         except errors.KVStoreError:
             raise
         except Exception as exc:
             raise errors.InvalidArgumentError(f"cannot reach the client's worker address: {exc}") from None
-        self.sessions[client_id] = ClientSession(client_id, endpoint)
+        secret = secrets.token_bytes(SESSION_SECRET_BYTES)
+        self.sessions[secret] = ClientSession(client_id, secret, endpoint)
         self._reap()
+        return secret
 
-    def session(self, client_id: str) -> ClientSession:
+    def session(self, secret: bytes) -> ClientSession:
         if not self.enabled:
             raise errors.UnavailableError(
                 f"this daemon has no zero-copy data plane ({self.reason}); send values inline",
                 code=ErrorCode.DATA_PLANE_UNAVAILABLE,
             )
-        session = self.sessions.get(client_id)
+        session = self.sessions.get(secret) if secret else None
         if session is None or session.endpoint.failed:
             if session is not None:
-                self.drop(client_id)
-            raise errors.UnavailableError(
-                f"client {client_id!r} has no data-plane session; call Hello again", code=ErrorCode.UNKNOWN_CLIENT
+                self.drop(secret)
+            # The secret is not repeated: it may be another client's, mistyped.
+            raise errors.SessionLostError(
+                "the request names no data-plane session this daemon holds (it restarted, or the session "
+                "ended); say Hello again"
             )
         return session
 
-    async def transfer_for(self, client_id: str, region, *, put: bool) -> Transfer:
+    async def transfer_for(self, secret: bytes, region, *, put: bool) -> Transfer:
         """How the bytes of one request move between the arena and the client's
         ``region`` (a ``RemoteRegion``): over its shared memory when it is shared
         memory this daemon can map, else by RMA. A put whose blocks omit their
         checksums can only be served over shared memory (the copy computes them)."""
-        session = self.session(client_id)
+        session = self.session(secret)
         shared = await self.shared_region(session, region)
         if shared is not None:
             return SharedMemoryTransfer(self, shared)
@@ -178,19 +186,26 @@ class DataPlane:
                 "this daemon cannot map the client's shared memory; send the blocks' checksums",
                 code=ErrorCode.SHARED_MEMORY_UNAVAILABLE,
             )
-        return RmaTransfer(self, session, self.remote_key(session, region.region_id, region.rkey))
+        return RmaTransfer(self, session, self.remote_key(session, region))
 
-    def remote_key(self, session: ClientSession, region_id: int, packed: bytes):
-        cache_key = (region_id, packed)
+    def remote_key(self, session: ClientSession, region):
+        """The region's remote key, bounded to the range it names: a transfer
+        outside it is refused (with the descriptor's index) before any byte moves."""
+        cache_key = (region.region_id, region.rkey, region.address, region.length)
         rkey = session.rkeys.get(cache_key)
         if rkey is not None:
             session.rkeys.move_to_end(cache_key)
             return rkey
+        if region.length == 0 or region.address + region.length > MAX_ADDRESS:
+            raise errors.InvalidArgumentError(
+                f"region {region.region_id} names no valid address range "
+                f"(address {region.address}, length {region.length}); RMA needs the registered range"
+            )
         try:
-            rkey = session.endpoint.unpack_rkey(packed)
+            rkey = session.endpoint.unpack_rkey(region.rkey, address=region.address, length=region.length)
         except errors.InvalidArgumentError as exc:
             raise errors.InvalidArgumentError(
-                f"region {region_id}: {exc.message}", code=ErrorCode.INVALID_REMOTE_KEY
+                f"region {region.region_id}: {exc.message}", code=ErrorCode.INVALID_REMOTE_KEY
             ) from None
         session.rkeys[cache_key] = rkey
         while len(session.rkeys) > RKEYS_PER_CLIENT:
@@ -264,12 +279,10 @@ class DataPlane:
             session.pidfd = os.pidfd_open(pid)
         except OSError:
             return  # gone already, or not allowed: sweeps and the endpoint's failure still clean up
-        client_id = session.client_id
-
         def exited() -> None:
-            if self.sessions.get(client_id) is session:
-                log.info("client %s exited; its session and shared memory are released", client_id)
-                self.drop(client_id)
+            if self.sessions.get(session.secret) is session:
+                log.info("client %s exited; its session and shared memory are released", session.client_id)
+                self.drop(session.secret)
             else:
                 session.unmap()
 
@@ -311,36 +324,36 @@ class DataPlane:
                 self.arena_handle, list(arena_offsets), list(remote_addresses), list(sizes), rkey
             )
         except errors.InvalidArgumentError:
-            if self.sessions.get(session.client_id) is not session:
+            if self.sessions.get(session.secret) is not session:
                 # A new Hello replaced this session (and closed its keys) mid-request.
-                raise errors.UnavailableError(
-                    f"client {session.client_id!r} said Hello again during the transfer; retry", code=ErrorCode.UNKNOWN_CLIENT
+                raise errors.SessionLostError(
+                    f"client {session.client_id!r} said Hello again during the transfer; resend with the new session"
                 ) from None
             raise
         except errors.KVStoreError as exc:
             # The client died or its endpoint failed: forget it; it must Hello again.
-            self.drop(session.client_id)
+            self.drop(session.secret)
             raise errors.UnavailableError(
                 f"transfer with client {session.client_id!r} failed: {exc.message}", code=ErrorCode.TRANSFER_FAILED
             ) from None
 
-    def drop(self, client_id: str) -> None:
-        session = self.sessions.pop(client_id, None)
+    def drop(self, secret: bytes) -> None:
+        session = self.sessions.pop(secret, None)
         if session is not None:
             try:
                 session.close()
             except Exception:
-                log.debug("closing the session of %s failed", client_id, exc_info=True)
+                log.debug("closing the session of %s failed", session.client_id, exc_info=True)
 
     def _reap(self) -> None:
-        for client_id in [c for c, s in self.sessions.items() if s.endpoint.failed]:
-            self.drop(client_id)
+        for secret in [k for k, s in self.sessions.items() if s.endpoint.failed]:
+            self.drop(secret)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        for client_id in list(self.sessions):
-            self.drop(client_id)
+        for secret in list(self.sessions):
+            self.drop(secret)
         self.arena_handle.close()
         self.worker.close(timeout=5)  # let transfers in flight finish before endpoints go
         self._copies.shutdown(wait=True)
@@ -362,15 +375,27 @@ class SharedMemoryTransfer:
 
     async def read_into_arena(self, arena_offsets, remote_addresses, sizes) -> list[int]:
         """Copy blocks of the client's shared memory into arena extents; the xxh3-64 of each."""
-        mapping = self._mapping
-        offsets = [address - mapping.address for address in remote_addresses]
-        return await self._plane._copy(self._plane._arena, list(arena_offsets), mapping.buffer, offsets, list(sizes))
+        offsets = self._offsets(remote_addresses)
+        return await self._plane._copy(self._plane._arena, list(arena_offsets), self._mapping.buffer, offsets, list(sizes))
 
     async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> list[int]:
         """Copy arena extents into the client's shared memory; the xxh3-64 of each block's arena bytes."""
+        offsets = self._offsets(remote_addresses)
+        return await self._plane._copy(self._mapping.buffer, offsets, self._plane._arena, list(arena_offsets), list(lengths))
+
+    def _offsets(self, remote_addresses) -> list[int]:
+        """Where the client's addresses lie in the mapping; one before its start or
+        past its end is refused here (the copy checks each block's end)."""
         mapping = self._mapping
         offsets = [address - mapping.address for address in remote_addresses]
-        return await self._plane._copy(mapping.buffer, offsets, self._plane._arena, list(arena_offsets), list(lengths))
+        for index, offset in enumerate(offsets):
+            if not 0 <= offset <= mapping.length:
+                raise errors.InvalidArgumentError(
+                    f"a block lies outside the client's shared memory: address {remote_addresses[index]:#x} is not "
+                    f"within [{mapping.address:#x}, +{mapping.length})",
+                    index=index,
+                )
+        return offsets
 
 
 class RmaTransfer:

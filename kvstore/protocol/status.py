@@ -21,17 +21,19 @@ from kvstore.protocol.metadata import ERROR_DETAIL
 
 Status = grpc.StatusCode
 
-# Most specific class first: an error leaves as the first row it is an instance of,
-# and a status arrives as the class of its row.
-TABLE: tuple[tuple[type[errors.KVStoreError], Status], ...] = (
-    (errors.WrongNodeError, Status.FAILED_PRECONDITION),
-    (errors.InvalidArgumentError, Status.INVALID_ARGUMENT),
-    (errors.UnavailableError, Status.UNAVAILABLE),
-    (errors.DeadlineExceededError, Status.DEADLINE_EXCEEDED),
-    (errors.ResourceExhaustedError, Status.RESOURCE_EXHAUSTED),
-    (errors.PermissionDeniedError, Status.PERMISSION_DENIED),
-    (errors.DataCorruptionError, Status.DATA_LOSS),
-    (errors.InternalError, Status.INTERNAL),
+# Most specific class first: an error leaves as the first row it is an instance
+# of, and a status arrives as the class of its first row that matches, a row
+# with a code matching only that code (FAILED_PRECONDITION means two things).
+TABLE: tuple[tuple[type[errors.KVStoreError], Status, ErrorCode | None], ...] = (
+    (errors.SessionLostError, Status.FAILED_PRECONDITION, ErrorCode.UNKNOWN_CLIENT),
+    (errors.WrongNodeError, Status.FAILED_PRECONDITION, None),
+    (errors.InvalidArgumentError, Status.INVALID_ARGUMENT, None),
+    (errors.UnavailableError, Status.UNAVAILABLE, None),
+    (errors.DeadlineExceededError, Status.DEADLINE_EXCEEDED, None),
+    (errors.ResourceExhaustedError, Status.RESOURCE_EXHAUSTED, None),
+    (errors.PermissionDeniedError, Status.PERMISSION_DENIED, None),
+    (errors.DataCorruptionError, Status.DATA_LOSS, None),
+    (errors.InternalError, Status.INTERNAL, None),
 )
 # Statuses a daemon never sends but gRPC itself, a proxy or an older peer may.
 RECEIVED_ONLY: dict[Status, type[errors.KVStoreError]] = {
@@ -39,15 +41,21 @@ RECEIVED_ONLY: dict[Status, type[errors.KVStoreError]] = {
     Status.CANCELLED: errors.UnavailableError,
     Status.UNAUTHENTICATED: errors.PermissionDeniedError,
 }
-_CLASS_OF = {status: cls for cls, status in TABLE} | RECEIVED_ONLY
 BY_STATUS_NUMBER: dict[int, Status] = {status.value[0]: status for status in Status}
 
 
 def status_of(error: errors.KVStoreError) -> Status:
-    for cls, status in TABLE:
+    for cls, status, _ in TABLE:
         if isinstance(error, cls):
             return status
     return Status.INTERNAL
+
+
+def _class_of(status: Status, code: str | None) -> type[errors.KVStoreError]:
+    for cls, row_status, row_code in TABLE:
+        if row_status == status and (row_code is None or row_code == code):
+            return cls
+    return RECEIVED_ONLY.get(status, errors.InternalError)
 
 
 def detail_of(error: errors.KVStoreError) -> bytes:
@@ -79,7 +87,7 @@ def error_from_status(
         code = BY_NUMBER.get(parsed.code, ErrorCode.ERROR_CODE_UNSPECIFIED)
         index = parsed.index
         message = parsed.message or message
-    cls = _CLASS_OF.get(status, errors.InternalError)
+    cls = _class_of(status, code)
     where = f" from {endpoint}" if endpoint else ""
     return cls(f"{message} [{status.name}{where}]", code=code, index=index)
 

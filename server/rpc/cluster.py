@@ -40,13 +40,13 @@ class ClusterService:
         return self.cluster.to_proto()
 
     async def hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
-        connected = False
+        session = b""
         if request.worker_address and self.dataplane.enabled:
-            self.dataplane.hello(request.client_id, request.worker_address)
-            connected = True
+            session = self.dataplane.hello(request.client_id, request.worker_address, request.previous_session)
         return pb.HelloResponse(
+            session=session,
             node_id=self.config.node_id,
-            data_plane=connected,
+            data_plane=bool(session),
             ucx_tls=self.dataplane.tls,
             cluster_map=self.cluster.to_proto(),
             max_value_bytes=self.config.max_value_size,

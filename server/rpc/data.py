@@ -85,7 +85,7 @@ class DataService:
         durability = durability_from_proto(request.durability, Durability(self.config.default_durability))
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
-            transfer = await self.dataplane.transfer_for(request.client_id, request.region, put=True)
+            transfer = await self.dataplane.transfer_for(request.session, request.region, put=True)
             stored = await self.store.put_remote(ns, blocks, durability, transfer, addresses)
         else:
             # Extracting and checksumming inline values copies them: off the loop.
@@ -179,7 +179,7 @@ class DataService:
             raise InvalidArgumentError(
                 f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code=ErrorCode.INVALID_ARGUMENT
             )
-        transfer = await self.dataplane.transfer_for(request.client_id, request.region, put=False)
+        transfer = await self.dataplane.transfer_for(request.session, request.region, put=False)
         slots = request.slots
         found = await self.store.get_remote(
             keys, [slot.capacity for slot in slots], [slot.address for slot in slots], transfer

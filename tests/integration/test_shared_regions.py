@@ -234,3 +234,38 @@ async def test_a_slot_outside_the_shared_memory_is_named_by_its_index_in_the_req
                 await kv._maps.call(node, "data", "Get", request, 5)
             assert info.value.index == 1 and "outside the client's shared memory" in info.value.message
             assert await kv.get_into([b"here"], region, [64], [16]) == [4]  # the daemon serves on
+
+
+@pytest.mark.parametrize("address", [(1 << 64) - 1, (1 << 63) + 5, 0])
+async def test_addresses_far_outside_the_shared_memory_are_invalid_arguments(daemon_pid_address, tenant, address):
+    """Addresses whose offset into the mapping overflows (or is negative) are a
+    precise INVALID_ARGUMENT for that entry, not an INTERNAL error."""
+    from kvstore import errors
+    from kvstore._proto.v1 import data_pb2
+
+    _, daemon_address = daemon_pid_address
+    async with Client(daemon_address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(1 << 20) as region:
+            region.buffer[:4] = b"data"
+            await kv.put_from([b"here"], region, [0], [4])
+            (node,) = kv._maps.view.nodes
+            get = data_pb2.GetRequest(
+                namespace=kv.namespace,
+                keys=[b"here", b"here"],
+                region=region.wire(),
+                slots=[data_pb2.RemoteSlot(address=region.address, capacity=16), data_pb2.RemoteSlot(address=address, capacity=16)],
+            )
+            put = data_pb2.PutRequest(
+                namespace=kv.namespace,
+                region=region.wire(),
+                blocks=[
+                    data_pb2.BlockWrite(key=b"a", length=4, remote_address=region.address),
+                    data_pb2.BlockWrite(key=b"b", length=4, remote_address=address),
+                ],
+            )
+            put.region.shared_memory.checksums_omitted = True
+            for method, request in (("Get", get), ("Put", put)):
+                with pytest.raises(errors.InvalidArgumentError) as info:
+                    await kv._maps.call(node, "data", method, request, 5)
+                assert info.value.index == 1 and "outside the client's shared memory" in info.value.message
+            assert await kv.exists([b"a", b"b"]) == [False, False]

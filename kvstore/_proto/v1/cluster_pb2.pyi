@@ -53,17 +53,19 @@ class GetClusterMapRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HelloRequest(_message.Message):
-    __slots__ = ("client_id", "worker_address", "client_version")
+    __slots__ = ("client_id", "worker_address", "client_version", "previous_session")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SESSION_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     worker_address: bytes
     client_version: str
-    def __init__(self, client_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., client_version: _Optional[str] = ...) -> None: ...
+    previous_session: bytes
+    def __init__(self, client_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., client_version: _Optional[str] = ..., previous_session: _Optional[bytes] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("node_id", "worker_address", "cluster_map", "max_value_bytes", "max_message_bytes", "max_key_bytes", "server_version", "ucx_tls", "data_plane", "local_socket")
+    __slots__ = ("node_id", "worker_address", "cluster_map", "max_value_bytes", "max_message_bytes", "max_key_bytes", "server_version", "ucx_tls", "data_plane", "local_socket", "session")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_MAP_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,7 @@ class HelloResponse(_message.Message):
     UCX_TLS_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     worker_address: bytes
     cluster_map: ClusterMap
@@ -84,4 +87,5 @@ class HelloResponse(_message.Message):
     ucx_tls: str
     data_plane: bool
     local_socket: str
-    def __init__(self, node_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., cluster_map: _Optional[_Union[ClusterMap, _Mapping]] = ..., max_value_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., ucx_tls: _Optional[str] = ..., data_plane: _Optional[bool] = ..., local_socket: _Optional[str] = ...) -> None: ...
+    session: bytes
+    def __init__(self, node_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., cluster_map: _Optional[_Union[ClusterMap, _Mapping]] = ..., max_value_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., ucx_tls: _Optional[str] = ..., data_plane: _Optional[bool] = ..., local_socket: _Optional[str] = ..., session: _Optional[bytes] = ...) -> None: ...

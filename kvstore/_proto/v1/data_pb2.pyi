@@ -28,14 +28,18 @@ class Namespace(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ...) -> None: ...
 
 class RemoteRegion(_message.Message):
-    __slots__ = ("region_id", "rkey", "shared_memory")
+    __slots__ = ("region_id", "rkey", "shared_memory", "address", "length")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     RKEY_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     region_id: int
     rkey: bytes
     shared_memory: SharedMemory
-    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+    address: int
+    length: int
+    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., address: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("pid", "fd", "token", "length", "address", "checksums_omitted")
@@ -68,18 +72,20 @@ class BlockWrite(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., remote_address: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "blocks", "durability", "client_id", "region")
+    __slots__ = ("namespace", "blocks", "durability", "client_id", "region", "session")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DURABILITY_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     blocks: _containers.RepeatedCompositeFieldContainer[BlockWrite]
     durability: Durability
     client_id: str
     region: RemoteRegion
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockWrite, _Mapping]]] = ..., durability: _Optional[_Union[Durability, str]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ...) -> None: ...
+    session: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockWrite, _Mapping]]] = ..., durability: _Optional[_Union[Durability, str]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored",)
@@ -96,18 +102,20 @@ class RemoteSlot(_message.Message):
     def __init__(self, address: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "client_id", "region", "slots")
+    __slots__ = ("namespace", "keys", "client_id", "region", "slots", "session")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     client_id: str
     region: RemoteRegion
     slots: _containers.RepeatedCompositeFieldContainer[RemoteSlot]
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[RemoteSlot, _Mapping]]] = ...) -> None: ...
+    session: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., keys: _Optional[_Iterable[bytes]] = ..., client_id: _Optional[str] = ..., region: _Optional[_Union[RemoteRegion, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[RemoteSlot, _Mapping]]] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class BlockRead(_message.Message):
     __slots__ = ("found", "value", "length", "checksum", "too_small")
