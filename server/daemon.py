@@ -99,6 +99,7 @@ class Daemon:
         )
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)
+        self.dataplane.start()
         await self._join_cluster()
         data = self.data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
         data_handler = data.handler()
@@ -216,7 +217,7 @@ class Daemon:
             await self.membership.stop()
             self.membership = None
         if self.dataplane is not None:
-            self.dataplane.close()
+            await self.dataplane.close()
             self.dataplane = None
         if self.store is not None:
             await self.store.close()

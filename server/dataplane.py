@@ -46,6 +46,7 @@ from typing import Callable
 
 from kvstore import errors
 from kvstore.protocol.codes import ErrorCode
+from kvstore.server.addresscheck import AddressCheck
 from kvstore.server.storage.transfer import Transfer
 
 log = logging.getLogger("kvstore.server.dataplane")
@@ -134,18 +135,26 @@ class DataPlane:
         self.arena_handle = self.context.register(arena_buffer)
         self._arena = arena_buffer
         self._copies = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvstore-copy")
+        self.address_check = AddressCheck(tls)
         self.enabled = True
 
-    def hello(self, client_id: str, worker_address: bytes, previous: bytes = b"") -> bytes:
+    def start(self) -> None:
+        """Start what must run before the first Hello (the worker-address check), in the background."""
+        if self.enabled:
+            self.address_check.start()
+
+    async def hello(self, client_id: str, worker_address: bytes, previous: bytes = b"") -> bytes:
         """Open an endpoint to a client's worker; the secret that names the new
         session. ``previous``, a session the same client had, is closed."""
         if not client_id:
             raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code=ErrorCode.UNKNOWN_CLIENT)
+        worker_address = bytes(worker_address)
+        await self.address_check.check(worker_address)  # UCX would abort on a malformed one
         old = self.sessions.get(previous) if previous else None
         if old is not None and old.client_id == client_id:
             self.drop(previous)
         try:
-            endpoint = self.worker.connect(bytes(worker_address))
+            endpoint = self.worker.connect(worker_address)
         except errors.KVStoreError:
             raise
         except Exception as exc:
@@ -349,9 +358,10 @@ class DataPlane:
         for secret in [k for k, s in self.sessions.items() if s.endpoint.failed]:
             self.drop(secret)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if not self.enabled:
             return
+        await self.address_check.close()
         for secret in list(self.sessions):
             self.drop(secret)
         self.arena_handle.close()

@@ -42,7 +42,7 @@ class ClusterService:
     async def hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
         session = b""
         if request.worker_address and self.dataplane.enabled:
-            session = self.dataplane.hello(request.client_id, request.worker_address, request.previous_session)
+            session = await self.dataplane.hello(request.client_id, request.worker_address, request.previous_session)
         return pb.HelloResponse(
             session=session,
             node_id=self.config.node_id,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/v1/errors.proto\x12\nkvstore.v1\"R\n\x0b\x45rrorDetail\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.kvstore.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05*\xc4\x04\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x15\n\x11MALFORMED_REQUEST\x10\x64\x12\x11\n\rUNKNOWN_FIELD\x10\x65\x12\r\n\tEMPTY_KEY\x10\x66\x12\x11\n\rKEY_TOO_LARGE\x10g\x12\x13\n\x0fVALUE_TOO_LARGE\x10h\x12\x13\n\x0fLENGTH_MISMATCH\x10i\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10j\x12\x16\n\x12UNKNOWN_DURABILITY\x10k\x12\x15\n\x11INVALID_NAMESPACE\x10l\x12\x13\n\x0f\x42\x41TCH_TOO_LARGE\x10m\x12\x14\n\x10INVALID_ARGUMENT\x10n\x12\x14\n\x10\x42UFFER_TOO_SMALL\x10o\x12\x16\n\x12INVALID_REMOTE_KEY\x10p\x12\x12\n\x0eUNKNOWN_CLIENT\x10q\x12\x1d\n\x19SHARED_MEMORY_UNAVAILABLE\x10r\x12\x17\n\x12\x43\x41PACITY_EXHAUSTED\x10\xc8\x01\x12\x12\n\rSHUTTING_DOWN\x10\xc9\x01\x12\x14\n\x0fSTORAGE_FAILURE\x10\xca\x01\x12\x1b\n\x16\x44\x41TA_PLANE_UNAVAILABLE\x10\xcb\x01\x12\x14\n\x0fTRANSFER_FAILED\x10\xcc\x01\x12\x1e\n\x19\x42LOCK_EXCEEDS_MEMORY_TIER\x10\xcd\x01\x12\x0f\n\nWRONG_NODE\x10\xce\x01\x12\x16\n\x11PERMISSION_DENIED\x10\xac\x02\x12\x14\n\x0f\x44\x41TA_CORRUPTION\x10\x90\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvstore/v1/errors.proto\x12\nkvstore.v1\"R\n\x0b\x45rrorDetail\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.kvstore.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05*\xe0\x04\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x15\n\x11MALFORMED_REQUEST\x10\x64\x12\x11\n\rUNKNOWN_FIELD\x10\x65\x12\r\n\tEMPTY_KEY\x10\x66\x12\x11\n\rKEY_TOO_LARGE\x10g\x12\x13\n\x0fVALUE_TOO_LARGE\x10h\x12\x13\n\x0fLENGTH_MISMATCH\x10i\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10j\x12\x16\n\x12UNKNOWN_DURABILITY\x10k\x12\x15\n\x11INVALID_NAMESPACE\x10l\x12\x13\n\x0f\x42\x41TCH_TOO_LARGE\x10m\x12\x14\n\x10INVALID_ARGUMENT\x10n\x12\x14\n\x10\x42UFFER_TOO_SMALL\x10o\x12\x16\n\x12INVALID_REMOTE_KEY\x10p\x12\x12\n\x0eUNKNOWN_CLIENT\x10q\x12\x1d\n\x19SHARED_MEMORY_UNAVAILABLE\x10r\x12\x1a\n\x16INVALID_WORKER_ADDRESS\x10s\x12\x17\n\x12\x43\x41PACITY_EXHAUSTED\x10\xc8\x01\x12\x12\n\rSHUTTING_DOWN\x10\xc9\x01\x12\x14\n\x0fSTORAGE_FAILURE\x10\xca\x01\x12\x1b\n\x16\x44\x41TA_PLANE_UNAVAILABLE\x10\xcb\x01\x12\x14\n\x0fTRANSFER_FAILED\x10\xcc\x01\x12\x1e\n\x19\x42LOCK_EXCEEDS_MEMORY_TIER\x10\xcd\x01\x12\x0f\n\nWRONG_NODE\x10\xce\x01\x12\x16\n\x11PERMISSION_DENIED\x10\xac\x02\x12\x14\n\x0f\x44\x41TA_CORRUPTION\x10\x90\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.errors_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORCODE']._serialized_start=124
-  _globals['_ERRORCODE']._serialized_end=704
+  _globals['_ERRORCODE']._serialized_end=732
   _globals['_ERRORDETAIL']._serialized_start=39
   _globals['_ERRORDETAIL']._serialized_end=121
 # @@protoc_insertion_point(module_scope)

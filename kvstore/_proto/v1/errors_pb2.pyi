@@ -24,6 +24,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_REMOTE_KEY: _ClassVar[ErrorCode]
     UNKNOWN_CLIENT: _ClassVar[ErrorCode]
     SHARED_MEMORY_UNAVAILABLE: _ClassVar[ErrorCode]
+    INVALID_WORKER_ADDRESS: _ClassVar[ErrorCode]
     CAPACITY_EXHAUSTED: _ClassVar[ErrorCode]
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     STORAGE_FAILURE: _ClassVar[ErrorCode]
@@ -49,6 +50,7 @@ BUFFER_TOO_SMALL: ErrorCode
 INVALID_REMOTE_KEY: ErrorCode
 UNKNOWN_CLIENT: ErrorCode
 SHARED_MEMORY_UNAVAILABLE: ErrorCode
+INVALID_WORKER_ADDRESS: ErrorCode
 CAPACITY_EXHAUSTED: ErrorCode
 SHUTTING_DOWN: ErrorCode
 STORAGE_FAILURE: ErrorCode
