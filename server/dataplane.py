@@ -181,13 +181,13 @@ class DataPlane:
             )
         return session
 
-    async def transfer_for(self, secret: bytes, region, *, put: bool) -> Transfer:
+    async def transfer_for(self, secret: bytes, region, *, put: bool, peer_pid: int | None = None) -> Transfer:
         """How the bytes of one request move between the arena and the client's
         ``region`` (a ``RemoteRegion``): over its shared memory when it is shared
         memory this daemon can map, else by RMA. A put whose blocks omit their
         checksums can only be served over shared memory (the copy computes them)."""
         session = self.session(secret)
-        shared = await self.shared_region(session, region)
+        shared = await self.shared_region(session, region, peer_pid)
         if shared is not None:
             return SharedMemoryTransfer(self, shared)
         if put and region.shared_memory.checksums_omitted:
@@ -222,11 +222,17 @@ class DataPlane:
             oldest.close()
         return rkey
 
-    async def shared_region(self, session: ClientSession, region):
+    async def shared_region(self, session: ClientSession, region, peer_pid: int | None = None):
         """The client's shared memory behind a request's ``RemoteRegion``, mapped
         here (once per region, off the event loop: mapping populates its page
         tables), or None when the region is not shared memory or this daemon
-        cannot map it (then RMA moves its bytes)."""
+        cannot map it (then RMA moves its bytes).
+
+        A region is mapped only for the process that holds it: the request must
+        come over a connection whose peer (``peer_pid``, the local channel's
+        SO_PEERCRED) is the pid the descriptor names. Anyone who can read
+        /proc/<pid>/fd can name another process's memfd; only that process is
+        on the other end of its own socket."""
         if not region.HasField("shared_memory"):
             return None
         shm = region.shared_memory
@@ -237,6 +243,12 @@ class DataPlane:
             if isinstance(cached, asyncio.Future):  # another request of this client is mapping it
                 return await asyncio.shield(cached)
             return cached
+        if peer_pid is None or shm.pid != peer_pid:
+            log.debug(
+                "client %s: region %d names the memory of pid %d over a connection from %s; read by RMA",
+                session.client_id, region.region_id, shm.pid, "an unknown process" if peer_pid is None else f"pid {peer_pid}",
+            )
+            return None
         from kvstore._native.shared_memory import SharedMemory, SharedMemoryUnavailable
 
         loop = asyncio.get_running_loop()

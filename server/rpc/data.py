@@ -26,11 +26,18 @@ from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.metrics import Metrics
 from kvstore.server.rpc.handlers import service
+from kvstore.server.rpc.local import LocalContext
 from kvstore.server.rpc.wire import encode_get_response
 from kvstore.server.storage.store import BlockIn, BlockStore, verify_block
 
 LIST_PAGE = 1000
 MAX_BATCH_KEYS = 100_000
+
+
+def peer_pid(context) -> int | None:
+    """The client process on the other end of the call's connection, where the
+    transport can tell (the local channel's peer credentials; never over TCP)."""
+    return context.peer_pid if isinstance(context, LocalContext) else None
 
 
 def routed_epoch(context) -> int | None:
@@ -85,7 +92,7 @@ class DataService:
         durability = durability_from_proto(request.durability, Durability(self.config.default_durability))
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
-            transfer = await self.dataplane.transfer_for(request.session, request.region, put=True)
+            transfer = await self.dataplane.transfer_for(request.session, request.region, put=True, peer_pid=peer_pid(context))
             stored = await self.store.put_remote(ns, blocks, durability, transfer, addresses)
         else:
             # Extracting and checksumming inline values copies them: off the loop.
@@ -163,7 +170,7 @@ class DataService:
         if not keys:
             return response
         if request.HasField("region"):
-            return await self._get_remote(request, keys)
+            return await self._get_remote(request, keys, peer_pid(context))
         if request.slots:
             raise InvalidArgumentError("slots given without the region they belong to", code=ErrorCode.INVALID_ARGUMENT)
         found = await self.store.get(keys, self.config.max_response_bytes)
@@ -174,12 +181,12 @@ class DataService:
         # Serialising the response copies every value: off the loop.
         return await self.store.offload(encode_get_response, found)
 
-    async def _get_remote(self, request: pb.GetRequest, keys: list[bytes]) -> pb.GetResponse:
+    async def _get_remote(self, request: pb.GetRequest, keys: list[bytes], peer: int | None) -> pb.GetResponse:
         if len(request.slots) != len(keys):
             raise InvalidArgumentError(
                 f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code=ErrorCode.INVALID_ARGUMENT
             )
-        transfer = await self.dataplane.transfer_for(request.session, request.region, put=False)
+        transfer = await self.dataplane.transfer_for(request.session, request.region, put=False, peer_pid=peer)
         slots = request.slots
         found = await self.store.get_remote(
             keys, [slot.capacity for slot in slots], [slot.address for slot in slots], transfer

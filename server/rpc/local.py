@@ -53,13 +53,15 @@ def socket_name(node_id: str) -> str:
 
 class LocalContext:
     """What handlers use of a gRPC ServicerContext: the request metadata (the
-    routed epoch). The daemon's epoch travels in the response frame instead of
-    trailing metadata."""
+    routed epoch), and the process on the other end of the socket (``peer_pid``,
+    from SO_PEERCRED; None when unknown). The daemon's epoch travels in the
+    response frame instead of trailing metadata."""
 
-    __slots__ = ("_metadata",)
+    __slots__ = ("_metadata", "peer_pid")
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, peer_pid: int | None = None) -> None:
         self._metadata = ((metadata.EPOCH, str(epoch)),) if epoch != NO_EPOCH else ()
+        self.peer_pid = peer_pid
 
     def invocation_metadata(self):
         return self._metadata
@@ -116,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.tasks: dict[int, asyncio.Task] = {}
         self.peer = "pid ?"
+        self.peer_pid: int | None = None
         self._buffer = bytearray()
         self._greeted = False
         self._closed = False
@@ -129,6 +132,7 @@ class _Connection(asyncio.Protocol):
         try:
             pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             self.peer = f"pid {pid} uid {uid}"
+            self.peer_pid = pid
         except (OSError, struct.error):
             pass
         if self.server.draining:
@@ -251,7 +255,7 @@ class _Connection(asyncio.Protocol):
             self._read_if_allowed()
 
     async def _run(self, request_id: int, method: Method, payload: bytes, epoch: int, timeout: float) -> None:
-        context = LocalContext(epoch)
+        context = LocalContext(epoch, self.peer_pid)
         try:
             if timeout > 0:
                 async with asyncio.timeout(timeout):

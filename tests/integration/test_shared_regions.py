@@ -269,3 +269,73 @@ async def test_addresses_far_outside_the_shared_memory_are_invalid_arguments(dae
                     await kv._maps.call(node, "data", method, request, 5)
                 assert info.value.index == 1 and "outside the client's shared memory" in info.value.message
             assert await kv.exists([b"a", b"b"]) == [False, False]
+
+
+ATTACKER = r'''
+import asyncio, json, sys
+from kvstore import errors
+from kvstore._proto.v1 import data_pb2
+from kvstore.client import Client
+
+async def main():
+    victim = json.loads(sys.argv[2])
+    out = {}
+    async with Client(sys.argv[1], tenant=victim["tenant"], subtenant="attacker", transport="ucx") as kv:
+        with kv.allocate(1 << 20) as own:
+            await kv.put_from([b"mine"], own, [0], [4])  # a session, and the local channel, of its own
+            out["local"] = next(iter(kv._nodes.connections.values())).local is not None
+            (node,) = kv._maps.view.nodes
+            region = own.wire()
+            for name in ("pid", "fd", "token", "length", "address"):
+                setattr(region.shared_memory, name, victim[name])  # the victim's memfd, read from /proc
+            put = data_pb2.PutRequest(
+                namespace=kv.namespace, region=region,
+                blocks=[data_pb2.BlockWrite(key=b"stolen", length=64, remote_address=victim["address"])],
+            )
+            put.region.shared_memory.checksums_omitted = True
+            get = data_pb2.GetRequest(
+                namespace=kv.namespace, keys=[b"mine"], region=region,
+                slots=[data_pb2.RemoteSlot(address=victim["address"], capacity=64)],
+            )
+            for method, request in (("Put", put), ("Get", get)):
+                try:
+                    response = await kv._maps.call(node, "data", method, request, 10)
+                    out[method] = "ok shared" if getattr(response, "shared_memory", False) else "ok"
+                except errors.KVStoreError as exc:
+                    out[method] = exc.code
+            out["stolen"] = await kv.get(b"stolen")
+    print(json.dumps({k: (v.hex() if isinstance(v, bytes) else v) for k, v in out.items()}))
+
+asyncio.run(main())
+'''
+
+
+async def test_another_process_cannot_name_a_clients_shared_memory(daemon_pid_address, tenant):
+    """A same-user process that read a client's memfd (pid, fd, token) from /proc
+    names it in a request of its own session: the daemon maps memory only for
+    the process on the other end of the request's own socket."""
+    import json
+    import subprocess
+    import sys
+
+    pid, address = daemon_pid_address
+    secret = bytes(range(64))
+    async with Client(address, tenant=tenant, transport="ucx") as victim:
+        with victim.allocate(1 << 20) as region:
+            region.buffer[:64] = secret
+            pid_, fd, token, length = region.shared.descriptor
+            described = {"tenant": tenant, "pid": pid_, "fd": fd, "token": token, "length": length, "address": region.address}
+            attacker = subprocess.run(
+                [sys.executable, "-c", ATTACKER, address, json.dumps(described)], capture_output=True, text=True, timeout=120
+            )
+            assert attacker.returncode == 0, attacker.stderr[-2000:]
+            out = json.loads(attacker.stdout.strip().splitlines()[-1])
+            assert out["local"]  # the attack came over the attacker's own local channel
+            assert out["Put"] == "SHARED_MEMORY_UNAVAILABLE"  # not mapped for it, so it must send checksums
+            assert out["Get"] in ("ok", "INVALID_ARGUMENT") and out["Get"] != "ok shared"
+            assert out["stolen"] is None
+            assert token not in mapped_tokens(pid)  # the daemon never mapped the victim's memory
+            assert bytes(region.buffer[:64]) == secret
+            # The victim itself still gets the fast path.
+            await victim.put_from([b"v"], region, [0], [64])
+            assert token in mapped_tokens(pid)
