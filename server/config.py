@@ -72,6 +72,11 @@ class ServerConfig:
     ucx_tls: str = ""
     # Serve the Data service to clients on this host over a Unix socket too (data plane only).
     local_channel: bool = True
+    # Data-plane sessions (one per client that said Hello) held at once; past it the
+    # least recently used is closed (its client says Hello again when it next needs it).
+    max_sessions: int = 4096
+    # Seconds a data-plane session may go unused before it is closed.
+    session_idle: float = 600.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -129,6 +134,10 @@ class ServerConfig:
                     parse_address(value)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+        if self.max_sessions < 1:
+            raise ConfigError("max_sessions: must be at least 1")
+        if self.session_idle <= 0:
+            raise ConfigError("session_idle: must be positive")
         if self.etcd_ttl < 1:
             raise ConfigError("etcd_ttl: must be at least 1 second")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -96,6 +96,8 @@ class Daemon:
             config.ucx_tls,
             enabled=config.data_plane,
             others_waiting=lambda: self.metrics.requests_in_flight > 1,
+            max_sessions=config.max_sessions,
+            session_idle=config.session_idle,
         )
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)

@@ -76,6 +76,7 @@ class ClientSession:
     shared: OrderedDict = field(default_factory=OrderedDict)
     pidfd: int = -1  # the client's process, watched once it shared memory
     since: float = field(default_factory=time.monotonic)
+    used: float = field(default_factory=time.monotonic)  # its last request or Hello
 
     def close(self) -> None:
         for rkey in self.rkeys.values():
@@ -109,13 +110,20 @@ class DataPlane:
         *,
         enabled: bool = True,
         others_waiting: Callable[[], bool] = lambda: True,
+        max_sessions: int = 4096,
+        session_idle: float = 600.0,
     ) -> None:
         """``arena_buffer``: the memory tier's arena (``BlockStore.arena_buffer()``),
-        registered here once; transfers address it by the offsets storage gives."""
+        registered here once; transfers address it by the offsets storage gives.
+        At most ``max_sessions`` sessions are held (the least recently used is
+        closed past it), none unused for longer than ``session_idle`` seconds."""
         self.tls = tls or ""
+        self.max_sessions = max_sessions
+        self.session_idle = session_idle
         self._others_waiting = others_waiting  # whether other requests are being served meanwhile
         self._copying = 0  # shared-memory copies under way (read and written on the event loop only)
-        self.sessions: dict[str, ClientSession] = {}
+        # By secret, least recently used first: each Hello and each use moves one to the end.
+        self.sessions: OrderedDict[bytes, ClientSession] = OrderedDict()
         self.enabled = False
         self.reason = ""
         if not enabled:
@@ -159,9 +167,16 @@ class DataPlane:
             raise
         except Exception as exc:
             raise errors.InvalidArgumentError(f"cannot reach the client's worker address: {exc}") from None
+        self._reap()
+        while len(self.sessions) >= self.max_sessions:  # a flood of Hellos cannot hold every fd
+            oldest = next(iter(self.sessions))
+            log.info(
+                "closing the least recently used data-plane session (client %s): %d held",
+                self.sessions[oldest].client_id, len(self.sessions),
+            )
+            self.drop(oldest)
         secret = secrets.token_bytes(SESSION_SECRET_BYTES)
         self.sessions[secret] = ClientSession(client_id, secret, endpoint)
-        self._reap()
         return secret
 
     def session(self, secret: bytes) -> ClientSession:
@@ -171,15 +186,17 @@ class DataPlane:
                 code=ErrorCode.DATA_PLANE_UNAVAILABLE,
             )
         session = self.sessions.get(secret) if secret else None
-        if session is None or session.endpoint.failed:
-            if session is not None:
-                self.drop(secret)
-            # The secret is not repeated: it may be another client's, mistyped.
-            raise errors.SessionLostError(
-                "the request names no data-plane session this daemon holds (it restarted, or the session "
-                "ended); say Hello again"
-            )
-        return session
+        if session is not None and not session.endpoint.failed:
+            session.used = time.monotonic()
+            self.sessions.move_to_end(secret)
+            return session
+        if session is not None:
+            self.drop(secret)
+        # The secret is not repeated: it may be another client's, mistyped.
+        raise errors.SessionLostError(
+            "the request names no data-plane session this daemon holds (it restarted, or the session "
+            "ended); say Hello again"
+        )
 
     async def transfer_for(self, secret: bytes, region, *, put: bool, peer_pid: int | None = None) -> Transfer:
         """How the bytes of one request move between the arena and the client's
@@ -367,7 +384,9 @@ class DataPlane:
                 log.debug("closing the session of %s failed", session.client_id, exc_info=True)
 
     def _reap(self) -> None:
-        for secret in [k for k, s in self.sessions.items() if s.endpoint.failed]:
+        """Close failed sessions and those unused for longer than ``session_idle``."""
+        stale = time.monotonic() - self.session_idle
+        for secret in [k for k, s in self.sessions.items() if s.endpoint.failed or s.used < stale]:
             self.drop(secret)
 
     async def close(self) -> None:

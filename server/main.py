@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-threads", type=int, help=f"threads for disk and copy work (default {d.io_threads})")
     p.add_argument("--drain-seconds", type=float, help=f"how long SIGTERM waits for in-flight requests (default {d.drain_seconds:g})")
     p.add_argument("--ucx-tls", help='UCX transports of the data plane, e.g. "shm,tcp", "tcp", "all" (default: UCX chooses)')
+    p.add_argument(
+        "--max-sessions", type=int,
+        help=f"data-plane sessions held at once; past it the least recently used closes (default {d.max_sessions})",
+    )
+    p.add_argument(
+        "--session-idle", type=float, help=f"seconds a data-plane session may go unused (default {d.session_idle:g})"
+    )
     p.add_argument("--no-data-plane", dest="data_plane", action="store_const", const=False, help="serve inline values only")
     p.add_argument(
         "--no-local-channel", dest="local_channel", action="store_const", const=False,

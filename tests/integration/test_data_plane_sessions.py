@@ -6,6 +6,9 @@ or descriptors were not bounded, and checks that it now does no harm."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 import pytest
 
@@ -148,3 +151,56 @@ async def test_descriptors_outside_the_registered_region_are_refused_before_any_
             assert "no valid address range" in info.value.message
             # The session survives its client's bad requests.
             assert await kv.get_into([b"k"], region, [64], [8]) == [8] and bytes(memory[64:72]) == b"in-range"
+
+
+@contextlib.asynccontextmanager
+async def raw_hellos(address: str, count: int):
+    """``count`` Hellos, each from a worker of its own (as a flood from one process
+    would be); yields their sessions while the workers live."""
+    workers = [_native.Worker(_native.Context(None)) for _ in range(count)]
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = cluster_pb2_grpc.ClusterStub(channel)
+            yield [
+                (await stub.Hello(cluster_pb2.HelloRequest(client_id=f"flood-{i}", worker_address=w.address), timeout=30)).session
+                for i, w in enumerate(workers)
+            ]
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+async def test_a_flood_of_hellos_holds_at_most_max_sessions_and_clients_say_hello_again(tmp_path, tenant):
+    from tests.conftest import ThreadedDaemon
+
+    d = ThreadedDaemon(tmp_path / "d", max_sessions=3)
+    try:
+        async with Client(d.address, tenant=tenant, transport="ucx") as kv:
+            with kv.allocate(1 << 16) as region:
+                region.buffer[:4] = b"keep"
+                await kv.put_from([b"k"], region, [0], [4])
+                conn = next(iter(kv._nodes.connections.values()))
+                generation = conn.generation
+                async with raw_hellos(d.address, 8) as sessions:
+                    assert len(set(sessions)) == 8 and len(d.daemon.dataplane.sessions) == 3
+                    assert set(d.daemon.dataplane.sessions) == set(sessions[-3:])  # the least recently used went first
+                    # The client's session was among those closed: it says Hello again and carries on.
+                    assert await kv.get_into([b"k"], region, [64], [4]) == [4] and bytes(region.buffer[64:68]) == b"keep"
+                    assert conn.generation == generation + 1
+                    assert len(d.daemon.dataplane.sessions) == 3
+    finally:
+        d.stop()
+
+
+async def test_sessions_unused_for_session_idle_are_closed(tmp_path):
+    from tests.conftest import ThreadedDaemon
+
+    d = ThreadedDaemon(tmp_path / "d", session_idle=0.2)
+    try:
+        async with raw_hellos(d.address, 2) as first:
+            assert set(first) <= set(d.daemon.dataplane.sessions)
+            await asyncio.sleep(0.5)  # well past session_idle
+            async with raw_hellos(d.address, 1) as last:
+                assert list(d.daemon.dataplane.sessions) == last
+    finally:
+        d.stop()
