@@ -210,36 +210,12 @@ async def test_concurrent_first_uses_map_a_region_once(daemon_pid_address, tenan
             del data
 
 
-async def test_a_slot_outside_the_shared_memory_is_named_by_its_index_in_the_request(daemon_pid_address, tenant):
-    """The daemon copies only the blocks it found: the bad slot's index is the
-    request's, not its place among the blocks copied."""
-    from kvstore import errors
-    from kvstore._proto.v1 import data_pb2
-
-    _, address = daemon_pid_address
-    async with Client(address, tenant=tenant, transport="ucx") as kv:
-        with kv.allocate(1 << 20) as region:
-            region.buffer[:4] = b"data"
-            await kv.put_from([b"here"], region, [0], [4])
-            (node,) = kv._maps.view.nodes
-            outside = region.address + region.length + 4096
-            request = data_pb2.GetRequest(
-                namespace=kv.namespace,
-                keys=[b"absent", b"here"],
-                client_id=kv.client_id,
-                region=region.wire(),
-                slots=[data_pb2.RemoteSlot(address=region.address, capacity=16), data_pb2.RemoteSlot(address=outside, capacity=16)],
-            )
-            with pytest.raises(errors.InvalidArgumentError) as info:
-                await kv._maps.call(node, "data", "Get", request, 5)
-            assert info.value.index == 1 and "outside the client's shared memory" in info.value.message
-            assert await kv.get_into([b"here"], region, [64], [16]) == [4]  # the daemon serves on
-
-
-@pytest.mark.parametrize("address", [(1 << 64) - 1, (1 << 63) + 5, 0])
-async def test_addresses_far_outside_the_shared_memory_are_invalid_arguments(daemon_pid_address, tenant, address):
-    """Addresses whose offset into the mapping overflows (or is negative) are a
-    precise INVALID_ARGUMENT for that entry, not an INTERNAL error."""
+@pytest.mark.parametrize("past_end", [4096, (1 << 64) - 1, (1 << 63) + 5, -1])
+async def test_addresses_outside_the_shared_memory_are_invalid_arguments_naming_their_entry(daemon_pid_address, tenant, past_end):
+    """Just past the mapping, far past it (an offset that overflows int64), or
+    before it: a precise INVALID_ARGUMENT naming the request's entry (not the
+    block's place among those the daemon copied: a get copies only the blocks it
+    found), never INTERNAL; and the daemon serves on."""
     from kvstore import errors
     from kvstore._proto.v1 import data_pb2
 
@@ -249,9 +225,10 @@ async def test_addresses_far_outside_the_shared_memory_are_invalid_arguments(dae
             region.buffer[:4] = b"data"
             await kv.put_from([b"here"], region, [0], [4])
             (node,) = kv._maps.view.nodes
+            address = region.address - 8 if past_end < 0 else min((1 << 64) - 1, region.address + region.length + past_end)
             get = data_pb2.GetRequest(
                 namespace=kv.namespace,
-                keys=[b"here", b"here"],
+                keys=[b"absent", b"here"],
                 region=region.wire(),
                 slots=[data_pb2.RemoteSlot(address=region.address, capacity=16), data_pb2.RemoteSlot(address=address, capacity=16)],
             )
@@ -269,6 +246,7 @@ async def test_addresses_far_outside_the_shared_memory_are_invalid_arguments(dae
                     await kv._maps.call(node, "data", method, request, 5)
                 assert info.value.index == 1 and "outside the client's shared memory" in info.value.message
             assert await kv.exists([b"a", b"b"]) == [False, False]
+            assert await kv.get_into([b"here"], region, [64], [16]) == [4]
 
 
 ATTACKER = r'''
