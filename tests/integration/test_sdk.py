@@ -70,6 +70,24 @@ async def test_lookup_prefix_semantics(daemon, tenant):
         assert await kv.lookup_prefix(keys) == 5
 
 
+async def test_a_cluster_of_one_counts_a_prefix_on_the_daemon(daemon, tenant):
+    """Against a cluster of one, lookup_prefix is one LookupPrefix call per chunk
+    (the daemon counts; one integer comes back), not an Exists with a flag per key."""
+
+    def calls(method: str) -> float:
+        return daemon.daemon.metrics.registry.get_sample_value(
+            "kvstore_requests_total", {"method": f"Data.{method}", "code": "OK"}
+        ) or 0.0
+
+    async with Client(daemon.address, tenant=tenant, max_batch_keys=4) as kv:
+        await kv.put_many([(b"q%d" % i, b"v") for i in range(10)])
+        lookups, exists = calls("LookupPrefix"), calls("Exists")
+        assert await kv.lookup_prefix([b"q%d" % i for i in range(10)]) == 10
+        assert calls("LookupPrefix") - lookups == 3 and calls("Exists") == exists  # chunks of 4, 4 and 2
+        assert await kv.lookup_prefix([b"q0", b"q1", b"gap", b"q3", b"q4", b"q5"]) == 2
+        assert calls("LookupPrefix") - lookups == 4  # the first chunk ends at the gap: no second call
+
+
 async def test_miss_is_none_and_overwrite_wins(daemon, tenant):
     async with Client(daemon.address, tenant=tenant) as kv:
         assert await kv.get(b"never") is None
