@@ -1,11 +1,14 @@
 """Admin and statistics: namespace counters, daemon statistics, replication
-policies, listing and dropping namespaces; answers as plain dicts."""
+policies, creating, listing and dropping namespaces, data tokens; answers as
+plain dicts. Under ``--auth token`` all but ``stat`` need the admin token as
+the client's credential."""
 
 from __future__ import annotations
 
 from kvstore import errors
 from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
 from kvstore.client.mapcache import MapCache
+from kvstore.namespace import validate_name
 
 
 class Admin:
@@ -67,11 +70,40 @@ class Admin:
                 entry["bytes"] += n.bytes
         return [merged[k] for k in sorted(merged)]
 
-    async def drop_namespace(self) -> dict:
-        responses = await self.maps.broadcast(
-            "admin", "DropNamespace", admin_pb2.DropNamespaceRequest(namespace=self.namespace), tolerate=False
-        )
+    async def drop_namespace(self, namespace: data_pb2.Namespace | None = None) -> dict:
+        request = admin_pb2.DropNamespaceRequest(namespace=namespace or self.namespace)
+        responses = await self.maps.broadcast("admin", "DropNamespace", request, tolerate=False)
         return {"blocks": sum(r.blocks for r in responses), "bytes": sum(r.bytes for r in responses)}
+
+    async def create_namespace(self, namespace: data_pb2.Namespace | None = None) -> bool:
+        """Whether it was created (False: it existed). The daemon that answers
+        has handed it to every member it could reach before it does."""
+        request = admin_pb2.CreateNamespaceRequest(namespace=namespace or self.namespace)
+        return (await self.maps.any_node("admin", "CreateNamespace", request)).created
+
+    async def create_token(self, tenant: str, subtenant: str = "", *, read_only: bool = False, description: str = "") -> dict:
+        validate_name("tenant", tenant)
+        if subtenant:
+            validate_name("subtenant", subtenant)
+        request = admin_pb2.CreateTokenRequest(
+            tenant=tenant, subtenant=subtenant, read_only=read_only, description=description
+        )
+        response = await self.maps.any_node("admin", "CreateToken", request)
+        return {**token_info(response.info), "token": response.token}
+
+    async def tokens(self, tenant: str = "") -> list[dict]:
+        response = await self.maps.any_node("admin", "ListTokens", admin_pb2.ListTokensRequest(tenant=tenant))
+        return [token_info(t) for t in response.tokens]
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self.maps.any_node("admin", "RevokeToken", admin_pb2.RevokeTokenRequest(id=token_id))
+
+
+def token_info(t: admin_pb2.TokenInfo) -> dict:
+    return {
+        "id": t.id, "tenant": t.tenant, "subtenant": t.subtenant, "read_only": t.read_only,
+        "created": t.created, "description": t.description,
+    }
 
 
 def server_stats(r: admin_pb2.ServerStatsResponse) -> dict:

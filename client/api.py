@@ -340,6 +340,32 @@ class Client:
     async def namespaces(self, tenant: str = "") -> list[dict]:
         return await self._admin.namespaces(tenant)
 
-    async def drop_namespace(self) -> dict:
-        """Delete every block of this client's namespace at once, on every node."""
-        return await self._admin.drop_namespace()
+    async def drop_namespace(self, tenant: str | None = None, subtenant: str | None = None) -> dict:
+        """Delete every block of a namespace (default: this client's) at once, on every node;
+        under --auth token the namespace itself is gone too."""
+        return await self._admin.drop_namespace(self._namespace_named(tenant, subtenant))
+
+    async def create_namespace(self, tenant: str | None = None, subtenant: str | None = None) -> bool:
+        """Create a namespace (default: this client's); under --auth token data tokens
+        work only on created ones. False when it existed."""
+        return await self._admin.create_namespace(self._namespace_named(tenant, subtenant))
+
+    async def create_token(
+        self, tenant: str, subtenant: str = "", *, read_only: bool = False, description: str = ""
+    ) -> dict:
+        """A new data token for a tenant (every subtenant) or one subtenant: its
+        ``id`` and, this once, the ``token`` itself."""
+        return await self._admin.create_token(tenant, subtenant, read_only=read_only, description=description)
+
+    async def tokens(self, tenant: str = "") -> list[dict]:
+        """The data tokens (never their secrets)."""
+        return await self._admin.tokens(tenant)
+
+    async def revoke_token(self, token_id: str) -> None:
+        """Revoke a data token on every daemon; its next call is UNAUTHENTICATED."""
+        await self._admin.revoke_token(token_id)
+
+    def _namespace_named(self, tenant: str | None, subtenant: str | None):
+        if tenant is None and subtenant is None:
+            return self.namespace
+        return namespace_to_proto(Namespace(tenant or self.config.tenant, subtenant or self.config.subtenant))

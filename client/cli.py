@@ -1,6 +1,6 @@
 """``kvstore``: the command-line client.
 
-    kvstore [--endpoint H:P] [--tenant T] [--subtenant S] [--json] COMMAND ...
+    kvstore [--endpoint H:P] [--tenant T] [--subtenant S] [--token TOKEN] [--admin-token TOKEN] [--json] COMMAND ...
       put KEY FILE|-          store a file (or stdin) under KEY
       get KEY [-o FILE]       write a block to stdout or FILE; exit 1 on a miss
       exists KEY...           print which keys are stored; exit 1 if any is not
@@ -8,8 +8,15 @@
       ls [--prefix P]         list keys with their sizes
       stat                    blocks and bytes per tier, namespaces, uptime, cluster, rebalancing
       ns ls                   namespaces with blocks and bytes, cluster-wide
+      ns create|drop [--tenant T] [--subtenant S]
+                              create a namespace (--auth token: data tokens work
+                              only on created ones) or drop it with every block
       ns get|set [--tenant T] [--subtenant S] [--replicas R] [--write-quorum W]
                               a namespace's replication (set: on every node)
+      token create --tenant T [--subtenant S] [--read-only] [--description D]
+                              a data token for a tenant or one subtenant, printed once
+      token ls [--tenant T]   data tokens (ids, scope; never secrets)
+      token revoke ID         revoke a data token on every daemon
       cluster up [--nodes N] [--etcd] [--dir DIR] [--replicas R] [--write-quorum W]
                  [--memory SIZE] [--base-port P] [-- SERVER_FLAGS...]
                               start N daemons on loopback in the background
@@ -19,6 +26,9 @@
                               rebalancing; exit 1 unless every node is up
       cluster down [--dir DIR]
                               stop the daemons (and etcd) of DIR
+
+Data commands present --token ($KVSTORE_TOKEN); stat, ns and token present
+--admin-token ($KVSTORE_ADMIN_TOKEN) when given, else --token.
 
 Keys are given as text and stored as their UTF-8 bytes; prefix one with
 ``hex:`` to give raw bytes (``hex:00ff``).
@@ -30,13 +40,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from kvstore import __version__
 from kvstore.client.config import DEFAULT_ENDPOINT, ClientConfig
 from kvstore.client.sync import SyncClient
 from kvstore.durability import NAMES as DURABILITIES
-from kvstore.errors import KVStoreError
+from kvstore.errors import KVStoreError, PermissionDeniedError
 from kvstore.harness import cluster as localcluster
 from kvstore.harness.process import HarnessError
 from kvstore.units import format_size
@@ -71,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", "-e", default=None, help=f"daemon HOST:PORT, or a comma list (default $KVSTORE_ENDPOINTS or {DEFAULT_ENDPOINT})")
     p.add_argument("--tenant", default=None, help="tenant (default $KVSTORE_TENANT or 'default')")
     p.add_argument("--subtenant", default=None, help="subtenant (default $KVSTORE_SUBTENANT or 'default')")
+    p.add_argument("--token", default=None, help="data token of a daemon run with --auth token (default $KVSTORE_TOKEN)")
+    p.add_argument(
+        "--admin-token", default=None,
+        help="admin token, for stat, ns and token (default $KVSTORE_ADMIN_TOKEN; visible to ps: prefer the variable)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--timeout", type=float, default=None, help=f"seconds per request (default {ClientConfig.timeout:g})")
     p.add_argument("--version", action="version", version=f"kvstore {__version__}")
@@ -97,10 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stat", help="daemon statistics: tiers, namespaces, uptime, cluster, rebalancing")
 
-    ns = sub.add_parser("ns", help="namespaces: list them, show or set their replication")
+    ns = sub.add_parser("ns", help="namespaces: list, create, drop them, show or set their replication")
     ns_actions = ns.add_subparsers(dest="ns_command", required=True, metavar="ACTION")
     ns_actions.add_parser("ls", help="namespaces with blocks and bytes, over the whole cluster")
-    for action, text in (("get", "replicas and write quorum of a namespace"), ("set", "set them on every node")):
+    for action, text in (
+        ("create", "create a namespace (--auth token: data tokens work only on created ones)"),
+        ("drop", "drop a namespace and every block in it, on every node"),
+        ("get", "replicas and write quorum of a namespace"),
+        ("set", "set them on every node"),
+    ):
         one = ns_actions.add_parser(action, help=text)
         one.add_argument("--tenant", default=argparse.SUPPRESS, help="tenant (default: the global --tenant)")
         one.add_argument("--subtenant", default=argparse.SUPPRESS, help="subtenant (default: the global --subtenant)")
@@ -108,8 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
             one.add_argument("--replicas", type=int, required=True, help="copies of each block (0: the cluster default)")
             one.add_argument("--write-quorum", type=int, default=0, help="replicas a write waits for (default: a majority)")
 
+    token = sub.add_parser("token", help="data tokens (--auth token): create, list, revoke")
+    token_actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_actions.add_parser("create", help="a new data token, printed once")
+    create.add_argument("--tenant", required=True, default=argparse.SUPPRESS, help="the tenant it is for")
+    create.add_argument("--subtenant", dest="token_subtenant", default="", help="only this subtenant (default: every subtenant of the tenant)")
+    create.add_argument("--read-only", action="store_true", help="reads only (get, exists, lookup, ls, stat)")
+    create.add_argument("--description", default="", help="a note shown by token ls")
+    listing = token_actions.add_parser("ls", help="data tokens: ids, scope, creation; never secrets")
+    listing.add_argument("--tenant", default=argparse.SUPPRESS, help="only this tenant's")
+    revoke = token_actions.add_parser("revoke", help="revoke a token on every daemon")
+    revoke.add_argument("id", help="the token's id (kvs_<id>_...)")
+
     add_cluster_parser(sub)
     return p
+
+
+ADMIN_COMMANDS = ("stat", "ns", "token")
 
 
 def add_cluster_parser(sub) -> None:
@@ -210,7 +246,16 @@ def run(args, client: SyncClient) -> int:
              "\n".join(f"{n}\t{show_key(k)}" for k, n in entries))
         return 0
     if cmd == "stat":
-        stats = client.server_stats()
+        try:
+            stats = client.server_stats()
+        except PermissionDeniedError:
+            if not client.config.token:
+                raise
+            # A data token: its namespace's figures are all it may see.
+            stats = client.stat()
+            emit(args, stats, f"{stats['tenant']}/{stats['subtenant']}\t{stats['blocks']} blocks\t"
+                              f"{format_size(stats['bytes'])}\t({stats['nodes']} nodes)")
+            return 0
         stats["namespace_list"] = client.namespaces()
         emit(args, stats, format_stats(stats))
         return 0
@@ -221,6 +266,16 @@ def run(args, client: SyncClient) -> int:
                                           for n in entries))
             return 0
         name = f"{client.config.tenant}/{client.config.subtenant}"
+        if args.ns_command == "create":
+            created = client.create_namespace()
+            emit(args, {"tenant": client.config.tenant, "subtenant": client.config.subtenant, "created": created},
+                 f"{name}: {'created' if created else 'exists already'}")
+            return 0
+        if args.ns_command == "drop":
+            dropped = client.drop_namespace()
+            emit(args, {"tenant": client.config.tenant, "subtenant": client.config.subtenant, **dropped},
+                 f"{name}: dropped ({dropped['blocks']} blocks, {format_size(dropped['bytes'])})")
+            return 0
         if args.ns_command == "set":
             policy = client.set_replication(args.replicas, args.write_quorum)
         else:
@@ -228,7 +283,31 @@ def run(args, client: SyncClient) -> int:
         emit(args, {"tenant": client.config.tenant, "subtenant": client.config.subtenant, **policy},
              f"{name}: {policy['replicas']} replicas, write quorum {policy['write_quorum']}")
         return 0
+    if cmd == "token":
+        return run_token(args, client)
     raise AssertionError(cmd)
+
+
+def run_token(args, client: SyncClient) -> int:
+    action = args.token_command
+    if action == "create":
+        made = client.create_token(args.tenant, args.token_subtenant, read_only=args.read_only, description=args.description)
+        scope = f"{made['tenant']}/{made['subtenant'] or '*'}" + (" read-only" if made["read_only"] else "")
+        emit(args, made, f"{made['token']}\n(token {made['id']} for {scope}: shown this once, keep it safe)")
+        return 0
+    if action == "ls":
+        listed = client.tokens(args.tenant or "")
+        emit(args, listed, "\n".join(
+            f"{t['id']}\t{t['tenant']}/{t['subtenant'] or '*'}\t{'read-only' if t['read_only'] else 'read-write'}"
+            f"\t{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(t['created']))}\t{t['description']}"
+            for t in listed
+        ))
+        return 0
+    if action == "revoke":
+        client.revoke_token(args.id)
+        emit(args, {"id": args.id, "revoked": True}, f"token {args.id} revoked")
+        return 0
+    raise AssertionError(action)
 
 
 def format_stats(stats: dict) -> str:
@@ -378,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "cluster":
         return run_cluster(args)
-    settings = {"endpoints": args.endpoint, "tenant": args.tenant, "subtenant": args.subtenant}
+    settings = {"endpoints": args.endpoint, "tenant": args.tenant, "subtenant": args.subtenant, "token": args.token}
+    if args.command in ADMIN_COMMANDS:
+        admin_token = args.admin_token or os.environ.get("KVSTORE_ADMIN_TOKEN")
+        if admin_token:
+            settings["token"] = admin_token
     if args.timeout is not None:
         settings["timeout"] = args.timeout
     if "transport" not in ClientConfig.environment():

@@ -116,6 +116,8 @@ class ClientConfig:
     # Registered buffer that plain put/get copy through on the zero-copy path.
     staging_bytes: int = size_field(128 << 20)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # The data token ("kvs_<id>_<secret>") of a daemon run with --auth token; KVSTORE_TOKEN.
+    token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))

@@ -21,8 +21,10 @@ class Connection:
     With ``local_channel`` the Data calls go over the daemon's local channel
     whenever its Hello announces one that this process can reach."""
 
-    def __init__(self, endpoint: str, *, local_channel: bool = False) -> None:
+    def __init__(self, endpoint: str, *, local_channel: bool = False, token: str = "") -> None:
         self.endpoint = endpoint
+        # Sent with every call (gRPC metadata; once per local-channel socket).
+        self.credential: tuple[tuple[str, str], ...] = (metadata.bearer(token),) if token else ()
         self.local_allowed = local_channel
         self.local: LocalChannel | None = None
         self._local_name = ""  # announced by the last Hello and not tried yet
@@ -61,6 +63,7 @@ class Connection:
                 ),
                 timeout=timeout,
                 wait_for_ready=wait,
+                metadata=self.credential,
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.endpoint) from None
@@ -98,7 +101,8 @@ class Connection:
 
     async def _open_local(self, name: str) -> LocalChannel | None:
         try:
-            self.local = await LocalChannel.open(name, self.endpoint, timeout=1.0)
+            authorization = self.credential[0][1] if self.credential else ""
+            self.local = await LocalChannel.open(name, self.endpoint, timeout=1.0, authorization=authorization)
         except (OSError, asyncio.TimeoutError) as exc:
             # Another host or network namespace: the daemon's socket is not ours to reach.
             log.debug("no local channel to %s (%s); Data calls use gRPC", self.endpoint, exc)

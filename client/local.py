@@ -18,6 +18,7 @@ import grpc
 from kvstore import errors
 from kvstore._proto.v1 import data_pb2
 from kvstore.protocol.local_channel import (
+    AUTHORIZE,
     CONNECTION_ID,
     JOIN_BELOW,
     NO_EPOCH,
@@ -51,13 +52,19 @@ class LocalChannel(asyncio.Protocol):
         self._broken: tuple | None = None  # (status, ErrorDetail bytes) the daemon closed us with
 
     @classmethod
-    async def open(cls, name: str, endpoint: str, timeout: float) -> "LocalChannel":
-        """Connect (OSError or TimeoutError when the socket is not reachable from here)."""
+    async def open(cls, name: str, endpoint: str, timeout: float, authorization: str = "") -> "LocalChannel":
+        """Connect (OSError or TimeoutError when the socket is not reachable from here).
+
+        ``authorization`` ("Bearer <token>") is sent once and holds for every call on the socket."""
         loop = asyncio.get_running_loop()
         _, channel = await asyncio.wait_for(
             loop.create_unix_connection(lambda: cls(name, endpoint), socket_address(name)), timeout
         )
         channel.transport.write(PREAMBLE)
+        if authorization:
+            # Its empty OK answer matches no pending call and is dropped.
+            credential = authorization.encode()
+            channel.transport.write(request_header(next(channel._ids), NO_EPOCH, 0.0, AUTHORIZE, len(credential)) + credential)
         return channel
 
     # -- calls ----------------------------------------------------------------

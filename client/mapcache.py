@@ -64,6 +64,8 @@ class MapCache:
             for endpoint, wait in [(e, False) for e in seeds] + [(e, True) for e in seeds]:
                 try:
                     hello = await self.nodes.hello(endpoint, self.config.connect_timeout, wait=wait)
+                except errors.PermissionDeniedError:
+                    raise  # a daemon answered: the credential is wrong, and every daemon of a cluster says so
                 except errors.KVStoreError as exc:
                     last = exc
                     continue

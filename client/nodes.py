@@ -102,7 +102,7 @@ class Nodes:
         conn = self.connections.get(address)
         if conn is None:
             local = self.config.local_channel and shared_memory_allowed(self.config.ucx_tls)
-            conn = self.connections[address] = Connection(address, local_channel=local)
+            conn = self.connections[address] = Connection(address, local_channel=local, token=self.config.token)
         return conn
 
     async def hello(self, address: str, timeout: float, *, wait: bool) -> cluster_pb2.HelloResponse:
@@ -166,7 +166,7 @@ class Nodes:
             if local is not None:
                 return await local.call(method, request, epoch, timeout)
         pending = getattr(getattr(conn, service), method)(
-            request, timeout=timeout, metadata=((metadata.EPOCH, str(epoch)),)
+            request, timeout=timeout, metadata=((metadata.EPOCH, str(epoch)),) + conn.credential
         )
         try:
             response = await pending

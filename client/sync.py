@@ -108,8 +108,20 @@ class SyncClient:
     def namespaces(self, tenant: str = "") -> list[dict]:
         return self._run(self._client.namespaces(tenant))
 
-    def drop_namespace(self) -> dict:
-        return self._run(self._client.drop_namespace())
+    def drop_namespace(self, tenant: str | None = None, subtenant: str | None = None) -> dict:
+        return self._run(self._client.drop_namespace(tenant, subtenant))
+
+    def create_namespace(self, tenant: str | None = None, subtenant: str | None = None) -> bool:
+        return self._run(self._client.create_namespace(tenant, subtenant))
+
+    def create_token(self, tenant: str, subtenant: str = "", *, read_only: bool = False, description: str = "") -> dict:
+        return self._run(self._client.create_token(tenant, subtenant, read_only=read_only, description=description))
+
+    def tokens(self, tenant: str = "") -> list[dict]:
+        return self._run(self._client.tokens(tenant))
+
+    def revoke_token(self, token_id: str) -> None:
+        return self._run(self._client.revoke_token(token_id))
 
     def cluster_map(self) -> dict:
         self.connect()

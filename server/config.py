@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from kvstore.durability import DEFAULT as DEFAULT_DURABILITY
@@ -77,6 +78,22 @@ class ServerConfig:
     max_sessions: int = 4096
     # Seconds a data-plane session may go unused before it is closed.
     session_idle: float = 600.0
+    # "open": anyone may do anything, namespaces come into being on first use;
+    # "token": every call presents a token, namespaces exist once an admin created them.
+    auth: str = "open"
+    # The admin credential: the first line of this file, or KVSTORE_ADMIN_TOKEN.
+    admin_token_file: str = ""
+    admin_token: str = field(default="", repr=False)
+    # TLS on gRPC: this daemon's certificate chain and key (PEM); with
+    # tls_client_ca, clients (and peers) must present a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # CA bundle that verifies the other daemons' certificates when this one dials
+    # them (rebalancing, table sync); empty: tls_client_ca, else the system's roots.
+    tls_ca: str = ""
+    # A plaintext port serving only grpc.health.v1 (probes that speak no TLS); empty: none.
+    health_listen: str = ""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -140,9 +157,48 @@ class ServerConfig:
             raise ConfigError("session_idle: must be positive")
         if self.etcd_ttl < 1:
             raise ConfigError("etcd_ttl: must be at least 1 second")
+        self._check_security(fix)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         fix("log_level", self.log_level.upper())
+
+    def _check_security(self, fix) -> None:
+        from kvstore.server.auth.guard import MODES
+        from kvstore.server.auth.tokens import MIN_ADMIN_TOKEN_CHARS, PEER_PREFIX, PREFIX
+
+        if self.auth not in MODES:
+            raise ConfigError(f"auth: {self.auth!r} is not one of {', '.join(MODES)}")
+        if self.admin_token_file:
+            try:
+                lines = Path(self.admin_token_file).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"admin_token_file: cannot read {self.admin_token_file}: {exc.strerror}") from None
+            fix("admin_token", lines[0].strip() if lines else "")
+        token = self.admin_token
+        if token and (len(token) < MIN_ADMIN_TOKEN_CHARS or token.startswith((PREFIX, PEER_PREFIX)) or not token.isprintable()):
+            raise ConfigError(
+                f"admin token: use at least {MIN_ADMIN_TOKEN_CHARS} printable characters, not starting with "
+                f"{PREFIX!r} (e.g. the output of 'openssl rand -hex 32')"
+            )
+        if self.auth == "token" and not token:
+            raise ConfigError("auth token needs the admin credential: --admin-token-file PATH or KVSTORE_ADMIN_TOKEN")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its private key) or neither")
+        if (self.tls_client_ca or self.tls_ca) and not self.tls_cert:
+            raise ConfigError("tls_client_ca and tls_ca need tls_cert and tls_key: mutual TLS is TLS first")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}: cannot read {path}")
+        if self.health_listen:
+            try:
+                parse_address(self.health_listen)
+            except ValueError as exc:
+                raise ConfigError(f"health_listen: {exc}") from None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:

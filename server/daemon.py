@@ -18,7 +18,13 @@ from kvstore.errors import ConfigError, KVStoreError
 from kvstore.namespace import Namespace
 from kvstore.replication import Replication
 from kvstore.ring import DEFAULT_VNODES
+from kvstore.server import tls
+from kvstore.server.auth.guard import Guard
+from kvstore.server.auth.sync import AuthSync
+from kvstore.server.auth.table import AuthTable
+from kvstore.server.auth.tokens import peer_credential
 from kvstore.server.cluster.membership import Member, MemberList, Membership, StaticMembership, parse_peers
+from kvstore.server.cluster.peers import Peers
 from kvstore.server.cluster.rebalance import Rebalancer
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
@@ -40,6 +46,24 @@ SERVICE_NAMES = (
 )
 
 
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    limit = config.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def listen(server: grpc.aio.Server, address: str, credentials, setting: str = "listen") -> int:
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"{setting}: cannot bind {address}: {exc}") from None
+
+
 class Daemon:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -58,6 +82,11 @@ class Daemon:
         self.local_channel: bool = config.local_channel
         self.local: LocalServer | None = None
         self.data: DataService | None = None
+        self.guard: Guard | None = None
+        self.auth_sync: AuthSync | None = None
+        self.peers: Peers | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -76,19 +105,22 @@ class Daemon:
             writeback_delay=config.writeback_delay,
         )
         self.store.prefault()
-        limit = config.max_message_bytes
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
         try:
-            self.port = self.server.add_insecure_port(config.listen)
-        except RuntimeError as exc:
+            self.guard = Guard(config.auth, AuthTable(Path(config.data_dir)), config.admin_token, self.metrics)
+        except KVStoreError:
             await self.store.close()
-            raise ConfigError(f"listen: cannot bind {config.listen}: {exc}") from None
+            raise
+        self.server = grpc.aio.server(options=server_options(config))
+        try:
+            self.port = listen(self.server, config.listen, tls.server_credentials(config))
+            if config.health_listen:
+                # Probes that speak neither TLS nor tokens: this port serves grpc.health.v1 alone.
+                self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+                self.health_port = listen(self.health_server, config.health_listen, None, "health_listen")
+        except ConfigError:
+            await self.store.close()
+            raise
         if not config.node_id:
             config = self.config = config.replace(node_id=f"{socket.gethostname()}-{self.port}")
         self.dataplane = DataPlane(
@@ -102,9 +134,15 @@ class Daemon:
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)
         self.dataplane.start()
+        self.peers = Peers(
+            config.max_message_bytes,
+            credential=peer_credential(config.admin_token) if config.admin_token else "",
+            tls=tls.peer_credentials(config),
+        )
         await self._join_cluster()
+        self.auth_sync = AuthSync(self.guard.table, self.cluster, self.peers)
         data = self.data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
-        data_handler = data.handler()
+        data_handler = data.handler().protect(self.guard)
         if self.local_channel and self.dataplane.enabled:
             self.local = LocalServer(socket_name(config.node_id), data_handler.methods, config.max_message_bytes)
         cluster = ClusterService(config, self.metrics, self.cluster, self.dataplane, self.local.name if self.local else "")
@@ -114,12 +152,15 @@ class Daemon:
             rate=config.rebalance_rate,
             interval=config.rebalance_interval,
             data_dir=Path(config.data_dir),
-            max_message=config.max_message_bytes,
+            peers=self.peers,
         )
         admin = AdminService(
-            self.store, config, self.metrics, self.dataplane, self.cluster, self.membership, self.rebalancer.snapshot
+            self.store, config, self.metrics, self.dataplane, self.cluster, self.membership, self.guard,
+            self.rebalancer.snapshot, replicate=self.auth_sync.exchange,
         )
-        self.server.add_generic_rpc_handlers((data_handler, cluster.handler(), admin.handler()))
+        self.server.add_generic_rpc_handlers(
+            (data_handler, cluster.handler().protect(self.guard), admin.handler().protect(self.guard))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -132,16 +173,31 @@ class Daemon:
                 log.warning("local channel off: cannot listen on its Unix socket: %s", exc)
                 self.local = None
                 cluster.local_socket = ""
+        if not self.guard.open:
+            # Catch up before serving: a token revoked while this daemon was down must not work here
+            # even briefly. Peers that are down answer at once (connection refused) or within 2 s.
+            await self.auth_sync.exchange(timeout=2.0)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         self.rebalancer.start()
+        self.auth_sync.start()
         self._wire_gauges()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         for name in ("",) + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.guard.open:
+            log.warning(
+                "UNAUTHENTICATED: --auth open: anyone who reaches %s may read, write and drop every namespace "
+                "(start with --auth token to require credentials)",
+                self.address,
+            )
         log.info(
-            "kvstore-server listening on %s data_dir=%s memory=%s node_id=%s data_plane=%s%s",
+            "kvstore-server listening on %s%s auth=%s data_dir=%s memory=%s node_id=%s data_plane=%s%s",
             self.address,
+            " (TLS" + (", client certificates required)" if config.tls_client_ca else ")") if config.tls else "",
+            config.auth,
             Path(config.data_dir).resolve(),
             format_size(config.memory),
             config.node_id,
@@ -212,12 +268,23 @@ class Daemon:
             await asyncio.gather(self.server.stop(grace), local)
             self.server = None
             self.local = None
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+            self.health_server = None
+        if self.auth_sync is not None:
+            await self.auth_sync.stop()
+            self.auth_sync = None
         if self.rebalancer is not None:
             await self.rebalancer.stop()
             self.rebalancer = None
         if self.membership is not None:
             await self.membership.stop()
             self.membership = None
+        if self.peers is not None:
+            await self.peers.close()
+            self.peers = None
+        if self.guard is not None:
+            self.guard.close()
         if self.dataplane is not None:
             await self.dataplane.close()
             self.dataplane = None

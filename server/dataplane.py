@@ -70,6 +70,8 @@ class ClientSession:
     client_id: str  # what the client calls itself: for logs only, anyone may repeat it
     secret: bytes  # what names the session in requests: handed to this client alone, never logged
     endpoint: object
+    # Who said Hello (the guard's principal): only the same credential may use the session.
+    owner: str = ""
     # (region_id, rkey bytes, address, length) -> RemoteKey bounded to that range
     rkeys: OrderedDict = field(default_factory=OrderedDict)
     # (region_id, token) -> SharedMemory, or None when it could not be mapped
@@ -151,15 +153,16 @@ class DataPlane:
         if self.enabled:
             self.address_check.start()
 
-    async def hello(self, client_id: str, worker_address: bytes, previous: bytes = b"") -> bytes:
+    async def hello(self, client_id: str, worker_address: bytes, previous: bytes = b"", owner: str = "") -> bytes:
         """Open an endpoint to a client's worker; the secret that names the new
-        session. ``previous``, a session the same client had, is closed."""
+        session, which only ``owner`` may use. ``previous``, a session the same
+        client had, is closed."""
         if not client_id:
             raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code=ErrorCode.UNKNOWN_CLIENT)
         worker_address = bytes(worker_address)
         await self.address_check.check(worker_address)  # UCX would abort on a malformed one
         old = self.sessions.get(previous) if previous else None
-        if old is not None and old.client_id == client_id:
+        if old is not None and old.client_id == client_id and old.owner == owner:
             self.drop(previous)
         try:
             endpoint = self.worker.connect(worker_address)
@@ -176,21 +179,23 @@ class DataPlane:
             )
             self.drop(oldest)
         secret = secrets.token_bytes(SESSION_SECRET_BYTES)
-        self.sessions[secret] = ClientSession(client_id, secret, endpoint)
+        self.sessions[secret] = ClientSession(client_id, secret, endpoint, owner)
         return secret
 
-    def session(self, secret: bytes) -> ClientSession:
+    def session(self, secret: bytes, owner: str = "") -> ClientSession:
         if not self.enabled:
             raise errors.UnavailableError(
                 f"this daemon has no zero-copy data plane ({self.reason}); send values inline",
                 code=ErrorCode.DATA_PLANE_UNAVAILABLE,
             )
         session = self.sessions.get(secret) if secret else None
-        if session is not None and not session.endpoint.failed:
+        if session is not None and session.owner != owner:
+            session = None  # another credential's session: as good as unknown, and left alone
+        elif session is not None and not session.endpoint.failed:
             session.used = time.monotonic()
             self.sessions.move_to_end(secret)
             return session
-        if session is not None:
+        elif session is not None:
             self.drop(secret)
         # The secret is not repeated: it may be another client's, mistyped.
         raise errors.SessionLostError(
@@ -198,12 +203,14 @@ class DataPlane:
             "ended); say Hello again"
         )
 
-    async def transfer_for(self, secret: bytes, region, *, put: bool, peer_pid: int | None = None) -> Transfer:
+    async def transfer_for(
+        self, secret: bytes, region, *, put: bool, peer_pid: int | None = None, owner: str = ""
+    ) -> Transfer:
         """How the bytes of one request move between the arena and the client's
         ``region`` (a ``RemoteRegion``): over its shared memory when it is shared
         memory this daemon can map, else by RMA. A put whose blocks omit their
         checksums can only be served over shared memory (the copy computes them)."""
-        session = self.session(secret)
+        session = self.session(secret, owner)
         shared = await self.shared_region(session, region, peer_pid)
         if shared is not None:
             return SharedMemoryTransfer(self, shared)

@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-local-channel", dest="local_channel", action="store_const", const=False,
         help="co-located clients send Data calls over gRPC too (not over the daemon's Unix socket)",
     )
+    p.add_argument(
+        "--auth", choices=("open", "token"),
+        help=f"open: no credentials, namespaces on first use; token: a token on every call, namespaces created by an admin (default {d.auth})",
+    )
+    p.add_argument(
+        "--admin-token-file", help="file whose first line is the admin token (or set KVSTORE_ADMIN_TOKEN); needed by --auth token"
+    )
+    p.add_argument("--tls-cert", help="TLS on gRPC: this daemon's certificate chain (PEM)")
+    p.add_argument("--tls-key", help="TLS on gRPC: the certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", help="mutual TLS: clients and peers must present a certificate this CA signed")
+    p.add_argument("--tls-ca", help="CA that verifies the other daemons' certificates (default: --tls-client-ca, else the system's)")
+    p.add_argument(
+        "--health-listen", help="HOST:PORT serving only the plaintext gRPC health service, for probes when TLS is on (default none)"
+    )
     p.add_argument("--log-level", help=f"DEBUG, INFO, WARNING or ERROR (default {d.log_level})")
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     p.add_argument("--version", action="version", version=f"kvstore-server {__version__}")

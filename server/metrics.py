@@ -43,6 +43,16 @@ class Metrics:
         self.local_in_flight = Gauge(
             "kvstore_local_channel_calls_in_flight", "Local-channel calls being served", registry=r
         )
+        self.auth_denied = Counter(
+            "kvstore_auth_denied",
+            "Calls refused for their credential, by method and code (UNAUTHENTICATED, PERMISSION_DENIED ...)",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "kvstore_rate_limited", "Calls refused by a namespace's request rate or an in-flight bound, by tenant and code",
+            ["tenant", "code"], registry=r,
+        )
         # Requests being served over every transport; the data plane reads it to
         # know whether anything else waits for the event loop.
         self.requests_in_flight = 0

@@ -4,7 +4,7 @@ A daemon is ready when it answers the standard gRPC health service
 (``grpc_health.v1``, service "") as SERVING: it turns SERVING once every
 service is registered and its cluster membership has started, and NOT_SERVING
 when it begins to drain. ``probe`` adds what ``kvstore cluster status`` shows
-(ServerStats, GetClusterMap). etcd is ready when its /health says so; a server
+(ServerStats, GetClusterMap; with ``KVSTORE_ADMIN_TOKEN`` when it is set). etcd is ready when its /health says so; a server
 with neither (the bench's peers) when its TCP port accepts.
 
 Everything goes over the wire, with the stubs of ``kvstore._proto`` and the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -25,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore._proto.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc
-from kvstore.protocol.metadata import channel_options
+from kvstore.protocol.metadata import bearer, channel_options
 from kvstore.protocol.status import error_from_rpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -84,9 +85,14 @@ async def probe(address: str, timeout: float) -> dict:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
             return {"health": "down", "error": f"health check: {name}"}
         out: dict = {"health": "up", "error": None}
+        # Statistics are the operator's: under --auth token they need the admin token.
+        admin_token = os.environ.get("KVSTORE_ADMIN_TOKEN")
+        credential = (bearer(admin_token),) if admin_token else ()
         stats, cmap = await asyncio.gather(
-            admin_pb2_grpc.AdminStub(channel).ServerStats(admin_pb2.ServerStatsRequest(), timeout=timeout),
-            cluster_pb2_grpc.ClusterStub(channel).GetClusterMap(cluster_pb2.GetClusterMapRequest(), timeout=timeout),
+            admin_pb2_grpc.AdminStub(channel).ServerStats(admin_pb2.ServerStatsRequest(), timeout=timeout, metadata=credential),
+            cluster_pb2_grpc.ClusterStub(channel).GetClusterMap(
+                cluster_pb2.GetClusterMapRequest(), timeout=timeout, metadata=credential
+            ),
             return_exceptions=True,
         )
     if isinstance(stats, BaseException):

@@ -27,6 +27,10 @@ counts the bytes that follow it::
   cancels the call once it has passed, as gRPC does at a deadline.
 - method: the Data method's name ("Put", "Get", "Exists" ...); an empty name
   with an empty payload cancels the call with that request id (no answer).
+- method ``@authorization`` (``AUTHORIZE``): the payload is the connection's
+  credential, as gRPC's ``authorization`` metadata value ("Bearer <token>");
+  answered OK with an empty payload, and checked with every call that follows
+  on the connection (a wrong one fails those calls, as over gRPC).
 - status: the gRPC status code's number; 0 (OK) with the serialized response
   as payload, anything else with a serialized ``kvstore.v1.ErrorDetail``.
 
@@ -42,6 +46,7 @@ PREAMBLE = b"KVSTORE-LOCAL/1\n"
 REQUEST = struct.Struct("!IIQdB")  # length, request id, epoch, timeout, method name length
 RESPONSE = struct.Struct("!IIBQ")  # length, request id, status, epoch
 CONNECTION_ID = 0
+AUTHORIZE = b"@authorization"
 NO_EPOCH = (1 << 64) - 1
 # Frames below this size go out in one write (one syscall); larger payloads are
 # written after their header rather than copied to prepend a few bytes.

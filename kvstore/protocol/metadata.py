@@ -7,6 +7,24 @@ from __future__ import annotations
 EPOCH = "kvstore-epoch"
 # A failed call's serialized ``kvstore.v1.ErrorDetail``, in its trailing metadata.
 ERROR_DETAIL = "kvstore-error-bin"
+# The caller's credential, as HTTP has it: "Bearer <token>" (a data token, the
+# admin token, or the peer credential daemons derive from it).
+AUTHORIZATION = "authorization"
+BEARER = "Bearer "
+
+
+def bearer(token: str) -> tuple[str, str]:
+    """The metadata entry that presents ``token``."""
+    return (AUTHORIZATION, BEARER + token)
+
+
+def token_of(metadata) -> str | None:
+    """The bearer token of a call's invocation metadata: None when there is none,
+    "" when the entry is there but is not a bearer token."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION:
+            return value[len(BEARER):].strip() if isinstance(value, str) and value.startswith(BEARER) else ""
+    return None
 
 
 def epoch_of(metadata) -> str | None:

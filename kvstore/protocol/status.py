@@ -22,8 +22,10 @@ from kvstore.protocol.metadata import ERROR_DETAIL
 Status = grpc.StatusCode
 
 # Most specific class first: an error leaves as the first row it is an instance
-# of, and a status arrives as the class of its first row that matches, a row
-# with a code matching only that code (FAILED_PRECONDITION means two things).
+# of (a row with a code only when the error has that code), and a status arrives
+# as the class of its first row that matches, a row with a code matching only
+# that code (FAILED_PRECONDITION means two things; a PermissionDeniedError leaves
+# as UNAUTHENTICATED when its credential was not valid at all).
 TABLE: tuple[tuple[type[errors.KVStoreError], Status, ErrorCode | None], ...] = (
     (errors.SessionLostError, Status.FAILED_PRECONDITION, ErrorCode.UNKNOWN_CLIENT),
     (errors.WrongNodeError, Status.FAILED_PRECONDITION, None),
@@ -31,6 +33,7 @@ TABLE: tuple[tuple[type[errors.KVStoreError], Status, ErrorCode | None], ...] = 
     (errors.UnavailableError, Status.UNAVAILABLE, None),
     (errors.DeadlineExceededError, Status.DEADLINE_EXCEEDED, None),
     (errors.ResourceExhaustedError, Status.RESOURCE_EXHAUSTED, None),
+    (errors.PermissionDeniedError, Status.UNAUTHENTICATED, ErrorCode.UNAUTHENTICATED),
     (errors.PermissionDeniedError, Status.PERMISSION_DENIED, None),
     (errors.DataCorruptionError, Status.DATA_LOSS, None),
     (errors.InternalError, Status.INTERNAL, None),
@@ -39,14 +42,15 @@ TABLE: tuple[tuple[type[errors.KVStoreError], Status, ErrorCode | None], ...] = 
 RECEIVED_ONLY: dict[Status, type[errors.KVStoreError]] = {
     Status.OUT_OF_RANGE: errors.InvalidArgumentError,
     Status.CANCELLED: errors.UnavailableError,
+    # A proxy's or gRPC's own (no kvstore ErrorDetail with it).
     Status.UNAUTHENTICATED: errors.PermissionDeniedError,
 }
 BY_STATUS_NUMBER: dict[int, Status] = {status.value[0]: status for status in Status}
 
 
 def status_of(error: errors.KVStoreError) -> Status:
-    for cls, status, _ in TABLE:
-        if isinstance(error, cls):
+    for cls, status, code in TABLE:
+        if isinstance(error, cls) and (code is None or code == error.code):
             return status
     return Status.INTERNAL
 

@@ -26,12 +26,13 @@ from pathlib import Path
 import grpc
 
 from kvstore import errors
-from kvstore._proto.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, data_pb2, data_pb2_grpc
+from kvstore._proto.v1 import admin_pb2, cluster_pb2, data_pb2
 from kvstore.namespace import Namespace
 from kvstore.protocol import metadata
 from kvstore.protocol.convert import namespace_to_proto
 from kvstore.protocol.status import error_from_rpc
 from kvstore.server.cluster.membership import Member, MemberList
+from kvstore.server.cluster.peers import Peers
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.storage.store import BlockStore
 
@@ -59,34 +60,6 @@ class RateLimiter:
             await asyncio.sleep(-self._allowance / self.rate)
 
 
-class Peers:
-    """gRPC channels to the other daemons, by address."""
-
-    def __init__(self, max_message: int) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._options = metadata.channel_options(max_message)
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
-        return channel
-
-    def data(self, address: str) -> data_pb2_grpc.DataStub:
-        return data_pb2_grpc.DataStub(self._channel(address))
-
-    def cluster(self, address: str) -> cluster_pb2_grpc.ClusterStub:
-        return cluster_pb2_grpc.ClusterStub(self._channel(address))
-
-    def admin(self, address: str) -> admin_pb2_grpc.AdminStub:
-        return admin_pb2_grpc.AdminStub(self._channel(address))
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-
-
 class Rebalancer:
     def __init__(
         self,
@@ -96,7 +69,7 @@ class Rebalancer:
         rate: int,
         interval: float,
         data_dir: Path,
-        max_message: int,
+        peers: Peers,
         timeout: float = 10.0,
     ) -> None:
         self.cluster = cluster
@@ -104,7 +77,7 @@ class Rebalancer:
         self.limiter = RateLimiter(rate)
         self.interval = interval
         self.timeout = timeout
-        self.peers = Peers(max_message)
+        self.peers = peers
         self._state_path = Path(data_dir) / STATE_FILE
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -119,7 +92,6 @@ class Rebalancer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.peers.close()
 
     def snapshot(self) -> admin_pb2.RebalanceStatus:
         copy = admin_pb2.RebalanceStatus()

@@ -1,15 +1,21 @@
-"""The Admin service: namespaces (list, drop, replication policy) and
-daemon-wide statistics, cluster view and rebalancing progress included."""
+"""The Admin service: namespaces (create, list, drop, replication policy),
+data tokens (create, list, revoke) and their replication between daemons, and
+daemon-wide statistics, cluster view and rebalancing progress included. Under
+``--auth token`` every call here needs the admin token (``auth.guard``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from kvstore import __version__
+from kvstore import __version__, errors
 from kvstore._proto.v1 import admin_pb2 as pb
 from kvstore._proto.v1 import cluster_pb2
-from kvstore.namespace import validate_name
+from kvstore.namespace import Namespace, validate_name
+from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.convert import namespace_of, namespace_to_proto, policy_to_proto
+from kvstore.server.auth.guard import Guard
+from kvstore.server.auth.sync import from_records, to_records
 from kvstore.server.cluster.membership import Membership
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
@@ -28,8 +34,15 @@ class AdminService:
         dataplane: DataPlane,
         cluster: ClusterState,
         membership: Membership,
+        guard: Guard,
         rebalance_status=lambda: pb.RebalanceStatus(state="idle"),
+        replicate=None,
     ) -> None:
+        self.guard = guard
+        # Hands the table to every reachable member; awaited before a change is acknowledged,
+        # so that a token works on every daemon once its creator has it.
+        self.replicate = replicate
+        self.table = guard.table
         self.dataplane = dataplane
         self.store = store
         self.config = config
@@ -48,6 +61,11 @@ class AdminService:
                 "ServerStats": (pb.ServerStatsRequest, self.server_stats),
                 "SetNamespacePolicy": (pb.SetNamespacePolicyRequest, self.set_namespace_policy),
                 "GetNamespacePolicy": (pb.GetNamespacePolicyRequest, self.get_namespace_policy),
+                "CreateNamespace": (pb.CreateNamespaceRequest, self.create_namespace),
+                "CreateToken": (pb.CreateTokenRequest, self.create_token),
+                "ListTokens": (pb.ListTokensRequest, self.list_tokens),
+                "RevokeToken": (pb.RevokeTokenRequest, self.revoke_token),
+                "SyncAuth": (pb.SyncAuthRequest, self.sync_auth),
             },
             self.metrics,
         )
@@ -56,7 +74,9 @@ class AdminService:
         if request.tenant:
             validate_name("tenant", request.tenant)
         response = pb.ListNamespacesResponse()
-        for ns in self.store.namespaces():
+        # Those holding blocks here, and those created and still empty.
+        found = set(self.store.namespaces()) | set(self.table.namespaces())
+        for ns in sorted(found, key=lambda ns: (ns.tenant, ns.subtenant)):
             if request.tenant and ns.tenant != request.tenant:
                 continue
             counters = self.store.namespace_counters(ns)
@@ -69,8 +89,59 @@ class AdminService:
 
     async def drop_namespace(self, request: pb.DropNamespaceRequest, context) -> pb.DropNamespaceResponse:
         ns = namespace_of(request)
+        self.table.drop_namespace(ns)  # first: no new writes under the token rules while the blocks go
         counters = await self.store.drop_namespace(ns)
         return pb.DropNamespaceResponse(blocks=counters.blocks, bytes=counters.bytes)
+
+    # -- namespaces and tokens --------------------------------------------------
+
+    async def _replicated(self) -> None:
+        if self.replicate is not None:
+            await self.replicate()
+
+    async def create_namespace(self, request: pb.CreateNamespaceRequest, context) -> pb.CreateNamespaceResponse:
+        created = self.table.create_namespace(namespace_of(request))
+        await self._replicated()
+        return pb.CreateNamespaceResponse(created=created)
+
+    def _tokens_checked(self) -> None:
+        if self.guard.open:
+            raise errors.InvalidArgumentError(
+                "this daemon runs with --auth open, where no token is checked: start it with --auth token",
+                code=ErrorCode.AUTH_OPEN,
+            )
+
+    async def create_token(self, request: pb.CreateTokenRequest, context) -> pb.CreateTokenResponse:
+        self._tokens_checked()
+        validate_name("tenant", request.tenant)
+        if request.subtenant:
+            ns = Namespace(request.tenant, request.subtenant)
+            if not self.table.has_namespace(ns):
+                raise errors.InvalidArgumentError(
+                    f"namespace {ns.tenant}/{ns.subtenant} does not exist: create it first ('kvstore ns create')",
+                    code=ErrorCode.UNKNOWN_NAMESPACE,
+                )
+        # The KDF runs once, off the event loop.
+        token_id, record, token = await asyncio.to_thread(
+            self.table.create_token, request.tenant, request.subtenant, request.read_only, request.description
+        )
+        await self._replicated()
+        return pb.CreateTokenResponse(info=_token_info(token_id, record), token=token)
+
+    async def list_tokens(self, request: pb.ListTokensRequest, context) -> pb.ListTokensResponse:
+        if request.tenant:
+            validate_name("tenant", request.tenant)
+        return pb.ListTokensResponse(tokens=[_token_info(i, r) for i, r in self.table.tokens(request.tenant)])
+
+    async def revoke_token(self, request: pb.RevokeTokenRequest, context) -> pb.RevokeTokenResponse:
+        self._tokens_checked()
+        self.table.revoke(request.id)
+        await self._replicated()
+        return pb.RevokeTokenResponse()
+
+    async def sync_auth(self, request: pb.SyncAuthRequest, context) -> pb.SyncAuthResponse:
+        self.table.merge(from_records(request.records))
+        return pb.SyncAuthResponse(records=to_records(self.table))
 
     async def set_namespace_policy(self, request: pb.SetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
         policy = request.policy
@@ -124,3 +195,14 @@ class AdminService:
             membership=self.membership.status().get("kind", ""),
             rebalance=self.rebalance_status(),
         )
+
+
+def _token_info(token_id: str, record: dict) -> pb.TokenInfo:
+    return pb.TokenInfo(
+        id=token_id,
+        tenant=record["tenant"],
+        subtenant=record["subtenant"],
+        read_only=record["read_only"],
+        created=record["created"],
+        description=record.get("description", ""),
+    )

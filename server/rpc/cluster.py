@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from kvstore import __version__
 from kvstore._proto.v1 import cluster_pb2 as pb
-from kvstore.namespace import MAX_KEY_BYTES
+from kvstore.namespace import MAX_KEY_BYTES, Namespace
+from kvstore.server.auth.guard import caller
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
@@ -37,18 +38,30 @@ class ClusterService:
         )
 
     async def get_cluster_map(self, request, context) -> pb.ClusterMap:
-        return self.cluster.to_proto()
+        return self._map()
+
+    def _map(self) -> pb.ClusterMap:
+        """The cluster map, with only the namespace policies the caller may know of."""
+        cluster_map = self.cluster.to_proto()
+        who = caller()
+        if not who.sees_everything:
+            mine = [p for p in cluster_map.policies if who.covers(Namespace(p.namespace.tenant, p.namespace.subtenant))]
+            del cluster_map.policies[:]
+            cluster_map.policies.extend(mine)
+        return cluster_map
 
     async def hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
         session = b""
         if request.worker_address and self.dataplane.enabled:
-            session = await self.dataplane.hello(request.client_id, request.worker_address, request.previous_session)
+            session = await self.dataplane.hello(
+                request.client_id, request.worker_address, request.previous_session, owner=caller().key
+            )
         return pb.HelloResponse(
             session=session,
             node_id=self.config.node_id,
             data_plane=bool(session),
             ucx_tls=self.dataplane.tls,
-            cluster_map=self.cluster.to_proto(),
+            cluster_map=self._map(),
             max_value_bytes=self.config.max_value_size,
             max_message_bytes=self.config.max_message_bytes,
             max_key_bytes=MAX_KEY_BYTES,

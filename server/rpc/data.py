@@ -21,6 +21,7 @@ from kvstore.namespace import Namespace, validate_key
 from kvstore.protocol import metadata
 from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.convert import durability_from_proto, namespace_of, namespace_to_proto
+from kvstore.server.auth.guard import caller
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
@@ -92,7 +93,9 @@ class DataService:
         durability = durability_from_proto(request.durability, Durability(self.config.default_durability))
         if request.HasField("region"):
             blocks, addresses = self._remote_blocks(ns, request)
-            transfer = await self.dataplane.transfer_for(request.session, request.region, put=True, peer_pid=peer_pid(context))
+            transfer = await self.dataplane.transfer_for(
+                request.session, request.region, put=True, peer_pid=peer_pid(context), owner=caller().key
+            )
             stored = await self.store.put_remote(ns, blocks, durability, transfer, addresses)
         else:
             # Extracting and checksumming inline values copies them: off the loop.
@@ -186,7 +189,9 @@ class DataService:
             raise InvalidArgumentError(
                 f"{len(keys)} keys but {len(request.slots)} slots; give one slot per key", code=ErrorCode.INVALID_ARGUMENT
             )
-        transfer = await self.dataplane.transfer_for(request.session, request.region, put=False, peer_pid=peer)
+        transfer = await self.dataplane.transfer_for(
+            request.session, request.region, put=False, peer_pid=peer, owner=caller().key
+        )
         slots = request.slots
         found = await self.store.get_remote(
             keys, [slot.capacity for slot in slots], [slot.address for slot in slots], transfer

@@ -23,6 +23,7 @@ from kvstore import errors
 from kvstore.protocol import metadata
 from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.status import status_of, trailing_metadata
+from kvstore.server.auth.guard import CALLER, Guard
 from kvstore.server.metrics import Metrics
 
 log = logging.getLogger("kvstore.server.rpc")
@@ -83,6 +84,7 @@ class Method:
         self.request_type = request_type
         self.handler = handler
         self.epoch = epoch  # callable giving the cluster map epoch, or None (not a Data method)
+        self.guard: Guard | None = None  # None or open: no credential is checked
         self._metrics = metrics
         self._requests = metrics.requests
         self._latency = metrics.latency.labels(label)
@@ -97,8 +99,17 @@ class Method:
 
     async def _serve(self, raw: bytes, context) -> tuple[Message | bytes | None, grpc.StatusCode, errors.KVStoreError | None]:
         started = time.perf_counter()
+        guard = self.guard
         try:
-            request = parse_strict(self.request_type, raw)
+            if guard is None or guard.open:
+                request = parse_strict(self.request_type, raw)
+            else:
+                # Who is asking comes first: a caller without a valid credential learns nothing, not even
+                # whether its request parses; what it asks for is checked once the request is read.
+                principal = await guard.authenticate(self.label, context.invocation_metadata())
+                request = parse_strict(self.request_type, raw)
+                guard.authorize(self.label, principal, request)
+                CALLER.set(principal)
             response = await self.handler(request, context)
         except errors.KVStoreError as exc:
             if len(exc.message) > MAX_ERROR_MESSAGE:  # metadata beyond ~16 KiB breaks the reply
@@ -159,6 +170,12 @@ class Service(grpc.GenericRpcHandler):
                 for method, m in self.methods.items()
             },
         )
+
+    def protect(self, guard: Guard) -> "Service":
+        """Check every call's credential with ``guard`` (both transports)."""
+        for method in self.methods.values():
+            method.guard = guard
+        return self
 
     def service_name(self) -> str:
         return self._generic.service_name()

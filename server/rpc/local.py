@@ -25,6 +25,7 @@ from kvstore import errors
 from kvstore.protocol import metadata
 from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.local_channel import (
+    AUTHORIZE,
     CONNECTION_ID,
     JOIN_BELOW,
     NO_EPOCH,
@@ -59,8 +60,8 @@ class LocalContext:
 
     __slots__ = ("_metadata", "peer_pid")
 
-    def __init__(self, epoch: int, peer_pid: int | None = None) -> None:
-        self._metadata = ((metadata.EPOCH, str(epoch)),) if epoch != NO_EPOCH else ()
+    def __init__(self, epoch: int, peer_pid: int | None = None, credential: tuple = ()) -> None:
+        self._metadata = (((metadata.EPOCH, str(epoch)),) if epoch != NO_EPOCH else ()) + credential
         self.peer_pid = peer_pid
 
     def invocation_metadata(self):
@@ -119,6 +120,8 @@ class _Connection(asyncio.Protocol):
         self.tasks: dict[int, asyncio.Task] = {}
         self.peer = "pid ?"
         self.peer_pid: int | None = None
+        # The connection's credential (an AUTHORIZE frame), as gRPC metadata: checked on every call.
+        self.credential: tuple = ()
         self._buffer = bytearray()
         self._greeted = False
         self._closed = False
@@ -231,6 +234,11 @@ class _Connection(asyncio.Protocol):
         if request_id == CONNECTION_ID or request_id in self.tasks:
             self._fail(errors.InvalidArgumentError(f"request id {request_id} is reserved or already in flight"))
             return False
+        if method == AUTHORIZE:
+            # Checked with each call that follows, as gRPC checks each call's metadata.
+            self.credential = ((metadata.AUTHORIZATION, payload.decode("utf-8", "replace")),)
+            self._send(response_header(request_id, 0, NO_EPOCH, 0))
+            return True
         handler = self.server.methods.get(method.decode("utf-8", "replace"))
         if handler is None:
             error = errors.InternalError(f"method {method!r} is not served on the local channel")
@@ -255,7 +263,7 @@ class _Connection(asyncio.Protocol):
             self._read_if_allowed()
 
     async def _run(self, request_id: int, method: Method, payload: bytes, epoch: int, timeout: float) -> None:
-        context = LocalContext(epoch, self.peer_pid)
+        context = LocalContext(epoch, self.peer_pid, self.credential)
         try:
             if timeout > 0:
                 async with asyncio.timeout(timeout):

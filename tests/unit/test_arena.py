@@ -1,4 +1,5 @@
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.server.storage.arena import ALIGNMENT, Arena, ExtentAllocator
 from kvstore.server.storage.memory import MemoryTier

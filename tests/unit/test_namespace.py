@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.errors import InvalidArgumentError
 from kvstore.namespace import MAX_KEY_BYTES, Namespace, range_end, validate_key

@@ -11,6 +11,7 @@ from kvstore.namespace import Namespace
 from kvstore.replication import Replication
 from kvstore.server.cluster import rebalance
 from kvstore.server.cluster.membership import Member, MemberList
+from kvstore.server.cluster.peers import Peers
 from kvstore.server.cluster.rebalance import Rebalancer
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.storage.store import BlockIn, BlockStore
@@ -32,7 +33,7 @@ async def _scenario(tmp_path, monkeypatch) -> tuple[int, int, list[int]]:
     def make() -> Rebalancer:
         cluster = ClusterState("me", "127.0.0.1:1", members, Replication.of(1), vnodes=16, data_dir=tmp_path / "data")
         cluster.update(members)
-        return Rebalancer(cluster, store, rate=1 << 30, interval=60, data_dir=tmp_path / "data", max_message=1 << 20)
+        return Rebalancer(cluster, store, rate=1 << 30, interval=60, data_dir=tmp_path / "data", peers=Peers(1 << 20))
 
     async def settle(self, ns, keys):
         pages.append(len(keys))

@@ -126,3 +126,97 @@ class GetNamespacePolicyRequest(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     namespace: _data_pb2.Namespace
     def __init__(self, namespace: _Optional[_Union[_data_pb2.Namespace, _Mapping]] = ...) -> None: ...
+
+class CreateNamespaceRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: _data_pb2.Namespace
+    def __init__(self, namespace: _Optional[_Union[_data_pb2.Namespace, _Mapping]] = ...) -> None: ...
+
+class CreateNamespaceResponse(_message.Message):
+    __slots__ = ("created",)
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    def __init__(self, created: _Optional[bool] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("id", "tenant", "subtenant", "read_only", "created", "description")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBTENANT_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    tenant: str
+    subtenant: str
+    read_only: bool
+    created: float
+    description: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., subtenant: _Optional[str] = ..., read_only: _Optional[bool] = ..., created: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("tenant", "subtenant", "read_only", "description")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBTENANT_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    subtenant: str
+    read_only: bool
+    description: str
+    def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ..., read_only: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("info", "token")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    info: TokenInfo
+    token: str
+    def __init__(self, info: _Optional[_Union[TokenInfo, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuthRecord(_message.Message):
+    __slots__ = ("key", "value", "updated_ns", "deleted")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_NS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    updated_ns: int
+    deleted: bool
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., updated_ns: _Optional[int] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class SyncAuthRequest(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuthRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[AuthRecord, _Mapping]]] = ...) -> None: ...
+
+class SyncAuthResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuthRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[AuthRecord, _Mapping]]] = ...) -> None: ...

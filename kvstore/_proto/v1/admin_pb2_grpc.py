@@ -61,6 +61,31 @@ class AdminStub:
                 request_serializer=kvstore_dot_v1_dot_admin__pb2.GetNamespacePolicyRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.FromString,
                 _registered_method=True)
+        self.CreateNamespace = channel.unary_unary(
+                '/kvstore.v1.Admin/CreateNamespace',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.CreateNamespaceRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.CreateNamespaceResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/kvstore.v1.Admin/CreateToken',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/kvstore.v1.Admin/ListTokens',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/kvstore.v1.Admin/RevokeToken',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.SyncAuth = channel.unary_unary(
+                '/kvstore.v1.Admin/SyncAuth',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.SyncAuthRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.SyncAuthResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -97,6 +122,36 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateNamespace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncAuth(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +179,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetNamespacePolicy,
                     request_deserializer=kvstore_dot_v1_dot_admin__pb2.GetNamespacePolicyRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.SerializeToString,
+            ),
+            'CreateNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateNamespace,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.CreateNamespaceRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.CreateNamespaceResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'SyncAuth': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncAuth,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.SyncAuthRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.SyncAuthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +341,141 @@ class Admin:
             '/kvstore.v1.Admin/GetNamespacePolicy',
             kvstore_dot_v1_dot_admin__pb2.GetNamespacePolicyRequest.SerializeToString,
             kvstore_dot_v1_dot_cluster__pb2.NamespacePolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/CreateNamespace',
+            kvstore_dot_v1_dot_admin__pb2.CreateNamespaceRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.CreateNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/CreateToken',
+            kvstore_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/ListTokens',
+            kvstore_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/RevokeToken',
+            kvstore_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncAuth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/SyncAuth',
+            kvstore_dot_v1_dot_admin__pb2.SyncAuthRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.SyncAuthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,14 +19,18 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class NamespacePolicy(_message.Message):
-    __slots__ = ("namespace", "replicas", "write_quorum")
+    __slots__ = ("namespace", "replicas", "write_quorum", "requests_per_second", "burst")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WRITE_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
     namespace: _data_pb2.Namespace
     replicas: int
     write_quorum: int
-    def __init__(self, namespace: _Optional[_Union[_data_pb2.Namespace, _Mapping]] = ..., replicas: _Optional[int] = ..., write_quorum: _Optional[int] = ...) -> None: ...
+    requests_per_second: float
+    burst: int
+    def __init__(self, namespace: _Optional[_Union[_data_pb2.Namespace, _Mapping]] = ..., replicas: _Optional[int] = ..., write_quorum: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., burst: _Optional[int] = ...) -> None: ...
 
 class ClusterMap(_message.Message):
     __slots__ = ("epoch", "nodes", "replicas", "write_quorum", "policies", "vnodes", "previous_epoch", "previous_nodes")

@@ -25,6 +25,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNKNOWN_CLIENT: _ClassVar[ErrorCode]
     SHARED_MEMORY_UNAVAILABLE: _ClassVar[ErrorCode]
     INVALID_WORKER_ADDRESS: _ClassVar[ErrorCode]
+    UNKNOWN_TOKEN: _ClassVar[ErrorCode]
+    AUTH_OPEN: _ClassVar[ErrorCode]
     CAPACITY_EXHAUSTED: _ClassVar[ErrorCode]
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     STORAGE_FAILURE: _ClassVar[ErrorCode]
@@ -32,7 +34,11 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_FAILED: _ClassVar[ErrorCode]
     BLOCK_EXCEEDS_MEMORY_TIER: _ClassVar[ErrorCode]
     WRONG_NODE: _ClassVar[ErrorCode]
+    RATE_LIMITED: _ClassVar[ErrorCode]
+    TOO_MANY_IN_FLIGHT: _ClassVar[ErrorCode]
     PERMISSION_DENIED: _ClassVar[ErrorCode]
+    UNAUTHENTICATED: _ClassVar[ErrorCode]
+    UNKNOWN_NAMESPACE: _ClassVar[ErrorCode]
     DATA_CORRUPTION: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
 MALFORMED_REQUEST: ErrorCode
@@ -51,6 +57,8 @@ INVALID_REMOTE_KEY: ErrorCode
 UNKNOWN_CLIENT: ErrorCode
 SHARED_MEMORY_UNAVAILABLE: ErrorCode
 INVALID_WORKER_ADDRESS: ErrorCode
+UNKNOWN_TOKEN: ErrorCode
+AUTH_OPEN: ErrorCode
 CAPACITY_EXHAUSTED: ErrorCode
 SHUTTING_DOWN: ErrorCode
 STORAGE_FAILURE: ErrorCode
@@ -58,7 +66,11 @@ DATA_PLANE_UNAVAILABLE: ErrorCode
 TRANSFER_FAILED: ErrorCode
 BLOCK_EXCEEDS_MEMORY_TIER: ErrorCode
 WRONG_NODE: ErrorCode
+RATE_LIMITED: ErrorCode
+TOO_MANY_IN_FLIGHT: ErrorCode
 PERMISSION_DENIED: ErrorCode
+UNAUTHENTICATED: ErrorCode
+UNKNOWN_NAMESPACE: ErrorCode
 DATA_CORRUPTION: ErrorCode
 
 class ErrorDetail(_message.Message):
