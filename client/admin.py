@@ -53,6 +53,14 @@ class Admin:
         applied = responses[0]
         return {"replicas": applied.replicas, "write_quorum": applied.write_quorum}
 
+    async def set_rate_limit(self, requests_per_second: float, burst: int = 0) -> dict:
+        """Requests per second each daemon serves this namespace (0: unlimited)."""
+        policy = cluster_pb2.NamespacePolicy(namespace=self.namespace, requests_per_second=requests_per_second, burst=burst)
+        responses = await self.maps.broadcast(
+            "admin", "SetNamespacePolicy", admin_pb2.SetNamespacePolicyRequest(policy=policy), tolerate=False
+        )
+        return {"requests_per_second": responses[0].requests_per_second, "burst": responses[0].burst}
+
     async def replication(self) -> dict:
         await self.maps.connect()
         r = self.maps.view.replication(self.namespace.tenant, self.namespace.subtenant)

@@ -333,6 +333,12 @@ class Client:
         (replicas 0 returns it to the cluster default; write_quorum 0 = a majority)."""
         return await self._admin.set_replication(replicas, write_quorum)
 
+    async def set_rate_limit(self, requests_per_second: float, burst: int = 0) -> dict:
+        """Requests per second each daemon serves this client's namespace, in bursts
+        of ``burst`` (default: one second's worth); beyond it calls fail with
+        ResourceExhaustedError (RATE_LIMITED), which the retry policy retries. 0: unlimited."""
+        return await self._admin.set_rate_limit(requests_per_second, burst)
+
     async def replication(self) -> dict:
         """Replicas and write quorum this client's namespace is written with."""
         return await self._admin.replication()

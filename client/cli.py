@@ -126,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--tenant", default=argparse.SUPPRESS, help="tenant (default: the global --tenant)")
         one.add_argument("--subtenant", default=argparse.SUPPRESS, help="subtenant (default: the global --subtenant)")
         if action == "set":
-            one.add_argument("--replicas", type=int, required=True, help="copies of each block (0: the cluster default)")
+            one.add_argument("--replicas", type=int, default=None, help="copies of each block (0: the cluster default)")
             one.add_argument("--write-quorum", type=int, default=0, help="replicas a write waits for (default: a majority)")
+            one.add_argument("--requests-per-second", type=float, default=None,
+                             help="requests each daemon serves the namespace per second (0: unlimited)")
+            one.add_argument("--burst", type=int, default=0, help="requests at once within that rate (default: one second's)")
 
     token = sub.add_parser("token", help="data tokens (--auth token): create, list, revoke")
     token_actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -276,6 +279,14 @@ def run(args, client: SyncClient) -> int:
             emit(args, {"tenant": client.config.tenant, "subtenant": client.config.subtenant, **dropped},
                  f"{name}: dropped ({dropped['blocks']} blocks, {format_size(dropped['bytes'])})")
             return 0
+        if args.ns_command == "set" and args.requests_per_second is not None:
+            rate = client.set_rate_limit(args.requests_per_second, args.burst)
+            if args.replicas is None:
+                emit(args, {"tenant": client.config.tenant, "subtenant": client.config.subtenant, **rate},
+                     f"{name}: {rate['requests_per_second']:g} requests per second (burst {rate['burst'] or 'one second'})")
+                return 0
+        if args.ns_command == "set" and args.replicas is None:
+            raise KVStoreErrorArg("ns set needs --replicas or --requests-per-second")
         if args.ns_command == "set":
             policy = client.set_replication(args.replicas, args.write_quorum)
         else:

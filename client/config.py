@@ -118,6 +118,14 @@ class ClientConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # The data token ("kvs_<id>_<secret>") of a daemon run with --auth token; KVSTORE_TOKEN.
     token: str = field(default="", repr=False)
+    # TLS to the daemons: "" off; True (or "system") verifies them with the system's
+    # roots; a path, with that CA bundle (PEM).
+    tls: str = ""
+    # Mutual TLS: this client's certificate chain and key (PEM).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # The name the daemons' certificates are checked against, when it is not the endpoint's host.
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))
@@ -139,6 +147,39 @@ class ClientConfig:
             raise ConfigError(f"transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         if self.staging_bytes < (1 << 20):
             raise ConfigError("staging_bytes: must be at least 1 MiB")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        tls = self.tls
+        if tls is True or (isinstance(tls, str) and tls.lower() in ("true", "1", "yes", "on")):
+            tls = "system"
+        elif tls is False or tls is None or (isinstance(tls, str) and tls.lower() in ("false", "0", "no", "off")):
+            tls = ""
+        object.__setattr__(self, "tls", str(tls))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: give both (a client certificate and its key) or neither")
+        if self.tls_cert and not self.tls:
+            raise ConfigError("tls_cert: a client certificate needs tls (True, or the daemons' CA bundle)")
+        for name in ("tls_cert", "tls_key") + (("tls",) if self.tls not in ("", "system") else ()):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}: cannot read {path}")
+
+    def channel_credentials(self):
+        """grpc.ChannelCredentials of the TLS settings, or None for plaintext."""
+        if not self.tls:
+            return None
+        import grpc
+
+        def read(path: str) -> bytes | None:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=None if self.tls == "system" else read(self.tls),
+            private_key=read(self.tls_key) if self.tls_key else None,
+            certificate_chain=read(self.tls_cert) if self.tls_cert else None,
+        )
 
     @classmethod
     def load(cls, args: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None) -> "ClientConfig":

@@ -21,7 +21,9 @@ class Connection:
     With ``local_channel`` the Data calls go over the daemon's local channel
     whenever its Hello announces one that this process can reach."""
 
-    def __init__(self, endpoint: str, *, local_channel: bool = False, token: str = "") -> None:
+    def __init__(
+        self, endpoint: str, *, local_channel: bool = False, token: str = "", tls=None, tls_server_name: str = ""
+    ) -> None:
         self.endpoint = endpoint
         # Sent with every call (gRPC metadata; once per local-channel socket).
         self.credential: tuple[tuple[str, str], ...] = (metadata.bearer(token),) if token else ()
@@ -29,7 +31,13 @@ class Connection:
         self.local: LocalChannel | None = None
         self._local_name = ""  # announced by the last Hello and not tried yet
         self._local_opening: asyncio.Future | None = None
-        self.channel = grpc.aio.insecure_channel(endpoint, options=metadata.channel_options())
+        options = metadata.channel_options()
+        if tls is not None:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.aio.secure_channel(endpoint, tls, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(endpoint, options=options)
         self.data = data_pb2_grpc.DataStub(self.channel)
         self.cluster = cluster_pb2_grpc.ClusterStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)

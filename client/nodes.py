@@ -42,6 +42,7 @@ class Nodes:
         self.staging: StagingPool | None = None
         self._plane = None  # (native Context, Worker) once the data plane is up
         self._plane_error: str | None = None
+        self._tls = config.channel_credentials()  # read once: every connection shares them
         self.closed = False
 
     # -- the zero-copy data plane ------------------------------------------
@@ -102,7 +103,9 @@ class Nodes:
         conn = self.connections.get(address)
         if conn is None:
             local = self.config.local_channel and shared_memory_allowed(self.config.ucx_tls)
-            conn = self.connections[address] = Connection(address, local_channel=local, token=self.config.token)
+            conn = self.connections[address] = Connection(
+                address, local_channel=local, token=self.config.token, tls=self._tls, tls_server_name=self.config.tls_server_name
+            )
         return conn
 
     async def hello(self, address: str, timeout: float, *, wait: bool) -> cluster_pb2.HelloResponse:

@@ -136,5 +136,8 @@ class SyncClient:
     def set_replication(self, replicas: int, write_quorum: int = 0) -> dict:
         return self._run(self._client.set_replication(replicas, write_quorum))
 
+    def set_rate_limit(self, requests_per_second: float, burst: int = 0) -> dict:
+        return self._run(self._client.set_rate_limit(requests_per_second, burst))
+
     def replication(self) -> dict:
         return self._run(self._client.replication())

@@ -78,6 +78,18 @@ class ServerConfig:
     max_sessions: int = 4096
     # Seconds a data-plane session may go unused before it is closed.
     session_idle: float = 600.0
+    # Bytes of inline get values held in flight (read, not yet sent): daemon-wide,
+    # per tenant and per client connection; a get beyond them is answered in part.
+    in_flight_bytes: int = size_field(2 << 30)
+    tenant_in_flight_bytes: int = size_field(1 << 30)
+    connection_in_flight_bytes: int = size_field(512 << 20)
+    # Data calls of one tenant served at once; beyond it RESOURCE_EXHAUSTED (TOO_MANY_IN_FLIGHT).
+    tenant_requests: int = 2048
+    # Concurrent calls per gRPC connection (HTTP/2 streams; more wait in the client).
+    connection_streams: int = 128
+    # Seconds before an idle gRPC connection is closed (its client reconnects when it
+    # needs to); silent ones (no answer to keepalive pings) go within a minute.
+    connection_idle: float = 300.0
     # "open": anyone may do anything, namespaces come into being on first use;
     # "token": every call presents a token, namespaces exist once an admin created them.
     auth: str = "open"
@@ -100,7 +112,10 @@ class ServerConfig:
         def fix(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        for name in ("memory", "max_value_size", "segment_size", "max_response_bytes", "rebalance_rate"):
+        for name in (
+            "memory", "max_value_size", "segment_size", "max_response_bytes", "rebalance_rate",
+            "in_flight_bytes", "tenant_in_flight_bytes", "connection_in_flight_bytes",
+        ):
             try:
                 fix(name, parse_size(getattr(self, name)))
             except ValueError as exc:
@@ -157,6 +172,12 @@ class ServerConfig:
             raise ConfigError("session_idle: must be positive")
         if self.etcd_ttl < 1:
             raise ConfigError("etcd_ttl: must be at least 1 second")
+        for name in ("in_flight_bytes", "tenant_in_flight_bytes", "connection_in_flight_bytes", "tenant_requests",
+                     "connection_streams"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be positive")
+        if self.connection_idle <= 0:
+            raise ConfigError("connection_idle: must be positive")
         self._check_security(fix)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")

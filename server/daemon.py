@@ -19,6 +19,7 @@ from kvstore.namespace import Namespace
 from kvstore.replication import Replication
 from kvstore.ring import DEFAULT_VNODES
 from kvstore.server import tls
+from kvstore.server.admission import Admission
 from kvstore.server.auth.guard import Guard
 from kvstore.server.auth.sync import AuthSync
 from kvstore.server.auth.table import AuthTable
@@ -52,6 +53,18 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
+        # One connection's calls at once: the rest wait in its client, not in this daemon.
+        ("grpc.max_concurrent_streams", config.connection_streams),
+        # A connection that never completes its TLS/HTTP/2 handshake is dropped after 10 s ...
+        ("grpc.server_handshake_timeout_ms", 10_000),
+        # ... one that answers no ping within 20 s (half-open, or a silent peer) after at most 50 s ...
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # ... and an idle one after connection_idle (clients reconnect on their next call).
+        ("grpc.max_connection_idle_ms", int(config.connection_idle * 1000)),
+        # Clients' own keepalive pings are welcome, also between calls.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
 
@@ -141,8 +154,19 @@ class Daemon:
         )
         await self._join_cluster()
         self.auth_sync = AuthSync(self.guard.table, self.cluster, self.peers)
-        data = self.data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster)
-        data_handler = data.handler().protect(self.guard)
+        admission = Admission(
+            total_bytes=config.in_flight_bytes,
+            tenant_bytes=config.tenant_in_flight_bytes,
+            connection_bytes=config.connection_in_flight_bytes,
+            tenant_requests=config.tenant_requests,
+            metrics=self.metrics,
+        )
+        data = self.data = DataService(self.store, config, self.metrics, self.dataplane, self.cluster, admission)
+        data_handler = data.handler().protect(self.guard).admit(admission, self.guard.table.rate)
+        if self.local_channel and config.tls_client_ca:
+            # Mutual TLS names who may connect; a Unix socket on this host would let others in without a certificate.
+            log.info("local channel off: --tls-client-ca requires a client certificate on every connection")
+            self.local_channel = False
         if self.local_channel and self.dataplane.enabled:
             self.local = LocalServer(socket_name(config.node_id), data_handler.methods, config.max_message_bytes)
         cluster = ClusterService(config, self.metrics, self.cluster, self.dataplane, self.local.name if self.local else "")

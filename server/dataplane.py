@@ -376,8 +376,10 @@ class DataPlane:
                 ) from None
             raise
         except errors.KVStoreError as exc:
-            # The client died or its endpoint failed: forget it; it must Hello again.
-            self.drop(session.secret)
+            if session.endpoint.failed:
+                # The client died or its endpoint broke: forget it; it must Hello again.
+                self.drop(session.secret)
+            # Otherwise this request failed, not the session: the next one may use it.
             raise errors.UnavailableError(
                 f"transfer with client {session.client_id!r} failed: {exc.message}", code=ErrorCode.TRANSFER_FAILED
             ) from None

@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="co-located clients send Data calls over gRPC too (not over the daemon's Unix socket)",
     )
     p.add_argument(
+        "--in-flight-bytes", help=f"inline get bytes held at once, daemon-wide (default {size(d.in_flight_bytes)})"
+    )
+    p.add_argument("--tenant-in-flight-bytes", help=f"... per tenant (default {size(d.tenant_in_flight_bytes)})")
+    p.add_argument("--connection-in-flight-bytes", help=f"... per client connection (default {size(d.connection_in_flight_bytes)})")
+    p.add_argument("--tenant-requests", type=int, help=f"Data calls of one tenant served at once (default {d.tenant_requests})")
+    p.add_argument("--connection-streams", type=int, help=f"concurrent calls per gRPC connection (default {d.connection_streams})")
+    p.add_argument("--connection-idle", type=float, help=f"seconds before an idle connection closes (default {d.connection_idle:g})")
+    p.add_argument(
         "--auth", choices=("open", "token"),
         help=f"open: no credentials, namespaces on first use; token: a token on every call, namespaces created by an admin (default {d.auth})",
     )

@@ -50,8 +50,8 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            "kvstore_rate_limited", "Calls refused by a namespace's request rate or an in-flight bound, by tenant and code",
-            ["tenant", "code"], registry=r,
+            "kvstore_rate_limited", "Calls refused by a namespace's request rate or an in-flight bound, by code",
+            ["code"], registry=r,
         )
         # Requests being served over every transport; the data plane reads it to
         # know whether anything else waits for the event loop.

@@ -48,7 +48,7 @@ class ThreadedDaemon:
     so sync clients, CLI calls and async tests can all use it."""
 
     def __init__(self, data_dir: Path, **settings) -> None:
-        self.config = ServerConfig(listen="127.0.0.1:0", data_dir=str(data_dir), **settings)
+        self.config = ServerConfig(**{"listen": "127.0.0.1:0", **settings}, data_dir=str(data_dir))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-daemon", daemon=True)
         self.thread.start()

@@ -136,6 +136,22 @@ class AuthTable:
         self._write({namespace_key(ns): {"created": time.time()}})
         return True
 
+    def rate(self, ns: Namespace) -> tuple[float, int]:
+        """(requests per second, burst) of ``ns``; (0, 0): unlimited."""
+        entry = self.entries.get(namespace_key(ns))
+        if entry is None or entry.deleted:
+            return 0.0, 0
+        return float(entry.value.get("requests_per_second", 0.0)), int(entry.value.get("burst", 0))
+
+    def set_rate(self, ns: Namespace, requests_per_second: float, burst: int) -> None:
+        """Set the request rate of ``ns`` (created if need be: the rate is a namespace setting)."""
+        if not (requests_per_second >= 0 and requests_per_second < float("inf")) or burst < 0:
+            raise errors.InvalidArgumentError("requests_per_second and burst must be finite and not negative")
+        entry = self.entries.get(namespace_key(ns))
+        value = dict(entry.value) if entry is not None and not entry.deleted else {"created": time.time()}
+        value.update(requests_per_second=float(requests_per_second), burst=int(burst))
+        self._write({namespace_key(ns): value})
+
     def drop_namespace(self, ns: Namespace) -> bool:
         if not self.has_namespace(ns):
             return False

@@ -146,6 +146,11 @@ class AdminService:
     async def set_namespace_policy(self, request: pb.SetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
         policy = request.policy
         ns = namespace_of(policy)
+        if policy.HasField("requests_per_second"):
+            self.table.set_rate(ns, policy.requests_per_second, policy.burst)
+            await self._replicated()
+            if not policy.replicas and not policy.write_quorum:  # a rate alone: replication stays as it is
+                return self._policy(ns)
         applied = self.cluster.set_policy(ns, policy.replicas, policy.write_quorum)
         if hasattr(self.membership, "put_policy"):  # etcd: every daemon learns it through its watch
             if policy.replicas == 0:
@@ -154,11 +159,15 @@ class AdminService:
                 await self.membership.put_policy(
                     ns.tenant, ns.subtenant, {"replicas": applied.replicas, "write_quorum": applied.write_quorum}
                 )
-        return policy_to_proto(ns, applied)
+        return self._policy(ns)
 
     async def get_namespace_policy(self, request: pb.GetNamespacePolicyRequest, context) -> cluster_pb2.NamespacePolicy:
-        ns = namespace_of(request)
-        return policy_to_proto(ns, self.cluster.replication(ns))
+        return self._policy(namespace_of(request))
+
+    def _policy(self, ns: Namespace) -> cluster_pb2.NamespacePolicy:
+        policy = policy_to_proto(ns, self.cluster.replication(ns))
+        policy.requests_per_second, policy.burst = self.table.rate(ns)
+        return policy
 
     async def server_stats(self, request, context) -> pb.ServerStatsResponse:
         stats = self.store.stats()

@@ -21,6 +21,7 @@ from kvstore.namespace import Namespace, validate_key
 from kvstore.protocol import metadata
 from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.convert import durability_from_proto, namespace_of, namespace_to_proto
+from kvstore.server.admission import Admission
 from kvstore.server.auth.guard import caller
 from kvstore.server.cluster.state import ClusterState
 from kvstore.server.config import ServerConfig
@@ -63,8 +64,15 @@ def storage_keys(ns: Namespace, keys) -> list[bytes]:
 
 class DataService:
     def __init__(
-        self, store: BlockStore, config: ServerConfig, metrics: Metrics, dataplane: DataPlane, cluster: ClusterState
+        self,
+        store: BlockStore,
+        config: ServerConfig,
+        metrics: Metrics,
+        dataplane: DataPlane,
+        cluster: ClusterState,
+        admission: Admission,
     ) -> None:
+        self.admission = admission
         self.store = store
         self.config = config
         self.metrics = metrics
@@ -176,13 +184,25 @@ class DataService:
             return await self._get_remote(request, keys, peer_pid(context))
         if request.slots:
             raise InvalidArgumentError("slots given without the region they belong to", code=ErrorCode.INVALID_ARGUMENT)
-        found = await self.store.get(keys, self.config.max_response_bytes)
-        hits = sum(1 for block in found if block is not None)
-        self.metrics.gets.labels("hit").inc(hits)
-        self.metrics.gets.labels("miss").inc(len(found) - hits)
-        self.metrics.bytes_out.inc(sum(len(block.value) for block in found if block is not None))
-        # Serialising the response copies every value: off the loop.
-        return await self.store.offload(encode_get_response, found)
+        reservation = await self.admission.reserve(ns.tenant, context.peer())
+        try:
+            found = await self.store.get(keys, min(self.config.max_response_bytes, reservation.budget))
+            nbytes = sum(len(block.value) for block in found if block is not None)
+            reservation.settle(nbytes)
+            hits = sum(1 for block in found if block is not None)
+            self.metrics.gets.labels("hit").inc(hits)
+            self.metrics.gets.labels("miss").inc(len(found) - hits)
+            self.metrics.bytes_out.inc(nbytes)
+            # Serialising the response copies every value: off the loop.
+            response = await self.store.offload(encode_get_response, found)
+        except BaseException:
+            reservation.release()
+            raise
+        if hasattr(context, "add_done_callback"):
+            context.add_done_callback(reservation.release)  # gRPC: held until the response has left
+        else:
+            reservation.release()  # the local channel: written to its socket's buffer as we return
+        return response
 
     async def _get_remote(self, request: pb.GetRequest, keys: list[bytes], peer: int | None) -> pb.GetResponse:
         if len(request.slots) != len(keys):

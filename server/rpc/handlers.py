@@ -23,6 +23,7 @@ from kvstore import errors
 from kvstore.protocol import metadata
 from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.status import status_of, trailing_metadata
+from kvstore.server.admission import Admission
 from kvstore.server.auth.guard import CALLER, Guard
 from kvstore.server.metrics import Metrics
 
@@ -85,6 +86,8 @@ class Method:
         self.handler = handler
         self.epoch = epoch  # callable giving the cluster map epoch, or None (not a Data method)
         self.guard: Guard | None = None  # None or open: no credential is checked
+        self.admission: Admission | None = None  # Data methods: per-tenant request bounds and rates
+        self.rate_of: Callable[[Message], tuple[float, int]] = lambda ns: (0.0, 0)
         self._metrics = metrics
         self._requests = metrics.requests
         self._latency = metrics.latency.labels(label)
@@ -110,7 +113,10 @@ class Method:
                 request = parse_strict(self.request_type, raw)
                 guard.authorize(self.label, principal, request)
                 CALLER.set(principal)
-            response = await self.handler(request, context)
+            if self.admission is None:
+                response = await self.handler(request, context)
+            else:
+                response = await self._admitted(request, context)
         except errors.KVStoreError as exc:
             if len(exc.message) > MAX_ERROR_MESSAGE:  # metadata beyond ~16 KiB breaks the reply
                 exc.message = exc.message[:MAX_ERROR_MESSAGE] + "..."
@@ -127,6 +133,14 @@ class Method:
         self._requests.labels(self.label, "OK").inc()
         self._latency.observe(time.perf_counter() - started)
         return response, grpc.StatusCode.OK, None
+
+    async def _admitted(self, request: Message, context) -> Message:
+        ns = request.namespace
+        self.admission.admit(ns.tenant, ns.subtenant, *self.rate_of(ns))
+        try:
+            return await self.handler(request, context)
+        finally:
+            self.admission.done(ns.tenant)
 
     async def grpc_call(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         response, code, error = await self.run(raw, context)
@@ -175,6 +189,13 @@ class Service(grpc.GenericRpcHandler):
         """Check every call's credential with ``guard`` (both transports)."""
         for method in self.methods.values():
             method.guard = guard
+        return self
+
+    def admit(self, admission: Admission, rate_of: Callable[[Message], tuple[float, int]]) -> "Service":
+        """Bound every call by ``admission`` (requests per tenant, the namespace's ``rate_of``)."""
+        for method in self.methods.values():
+            method.admission = admission
+            method.rate_of = rate_of
         return self
 
     def service_name(self) -> str:

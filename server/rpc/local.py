@@ -58,14 +58,19 @@ class LocalContext:
     from SO_PEERCRED; None when unknown). The daemon's epoch travels in the
     response frame instead of trailing metadata."""
 
-    __slots__ = ("_metadata", "peer_pid")
+    __slots__ = ("_metadata", "peer_pid", "_peer")
 
-    def __init__(self, epoch: int, peer_pid: int | None = None, credential: tuple = ()) -> None:
+    def __init__(self, epoch: int, peer_pid: int | None = None, credential: tuple = (), peer: str = "local") -> None:
         self._metadata = (((metadata.EPOCH, str(epoch)),) if epoch != NO_EPOCH else ()) + credential
         self.peer_pid = peer_pid
+        self._peer = peer
 
     def invocation_metadata(self):
         return self._metadata
+
+    def peer(self) -> str:
+        """Names the connection, as gRPC's context.peer() does."""
+        return self._peer
 
 
 class LocalServer:
@@ -122,6 +127,7 @@ class _Connection(asyncio.Protocol):
         self.peer_pid: int | None = None
         # The connection's credential (an AUTHORIZE frame), as gRPC metadata: checked on every call.
         self.credential: tuple = ()
+        self.name = f"local:{id(self):x}"  # the connection, for per-connection bounds
         self._buffer = bytearray()
         self._greeted = False
         self._closed = False
@@ -263,7 +269,7 @@ class _Connection(asyncio.Protocol):
             self._read_if_allowed()
 
     async def _run(self, request_id: int, method: Method, payload: bytes, epoch: int, timeout: float) -> None:
-        context = LocalContext(epoch, self.peer_pid, self.credential)
+        context = LocalContext(epoch, self.peer_pid, self.credential, self.name)
         try:
             if timeout > 0:
                 async with asyncio.timeout(timeout):

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvstore._proto.v1 import data_pb2 as kvstore_dot_v1_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/cluster.proto\x12\nkvstore.v1\x1a\x15kvstore/v1/data.proto\"8\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x8f\x01\n\x0fNamespacePolicy\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x14\n\x0cwrite_quorum\x18\x03 \x01(\r\x12\x1b\n\x13requests_per_second\x18\x04 \x01(\x01\x12\r\n\x05\x62urst\x18\x05 \x01(\r\"\xe5\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1f\n\x05nodes\x18\x02 \x03(\x0b\x32\x10.kvstore.v1.Node\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x14\n\x0cwrite_quorum\x18\x04 \x01(\r\x12-\n\x08policies\x18\x05 \x03(\x0b\x32\x1b.kvstore.v1.NamespacePolicy\x12\x0e\n\x06vnodes\x18\x06 \x01(\r\x12\x16\n\x0eprevious_epoch\x18\x07 \x01(\x04\x12(\n\x0eprevious_nodes\x18\x08 \x03(\x0b\x32\x10.kvstore.v1.Node\"\x16\n\x14GetClusterMapRequest\"k\n\x0cHelloRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\x0c\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\x12\x18\n\x10previous_session\x18\x04 \x01(\x0c\"\x94\x02\n\rHelloResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\x0c\x12+\n\x0b\x63luster_map\x18\x03 \x01(\x0b\x32\x16.kvstore.v1.ClusterMap\x12\x17\n\x0fmax_value_bytes\x18\x04 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x15\n\rmax_key_bytes\x18\x06 \x01(\r\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x0f\n\x07ucx_tls\x18\x08 \x01(\t\x12\x12\n\ndata_plane\x18\t \x01(\x08\x12\x14\n\x0clocal_socket\x18\n \x01(\t\x12\x0f\n\x07session\x18\x0b \x01(\x0c\x32\x92\x01\n\x07\x43luster\x12I\n\rGetClusterMap\x12 .kvstore.v1.GetClusterMapRequest\x1a\x16.kvstore.v1.ClusterMap\x12<\n\x05Hello\x12\x18.kvstore.v1.HelloRequest\x1a\x19.kvstore.v1.HelloResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/cluster.proto\x12\nkvstore.v1\x1a\x15kvstore/v1/data.proto\"8\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\xac\x01\n\x0fNamespacePolicy\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x14\n\x0cwrite_quorum\x18\x03 \x01(\r\x12 \n\x13requests_per_second\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x62urst\x18\x05 \x01(\rB\x16\n\x14_requests_per_second\"\xe5\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1f\n\x05nodes\x18\x02 \x03(\x0b\x32\x10.kvstore.v1.Node\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x14\n\x0cwrite_quorum\x18\x04 \x01(\r\x12-\n\x08policies\x18\x05 \x03(\x0b\x32\x1b.kvstore.v1.NamespacePolicy\x12\x0e\n\x06vnodes\x18\x06 \x01(\r\x12\x16\n\x0eprevious_epoch\x18\x07 \x01(\x04\x12(\n\x0eprevious_nodes\x18\x08 \x03(\x0b\x32\x10.kvstore.v1.Node\"\x16\n\x14GetClusterMapRequest\"k\n\x0cHelloRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\x0c\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\x12\x18\n\x10previous_session\x18\x04 \x01(\x0c\"\x94\x02\n\rHelloResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\x0c\x12+\n\x0b\x63luster_map\x18\x03 \x01(\x0b\x32\x16.kvstore.v1.ClusterMap\x12\x17\n\x0fmax_value_bytes\x18\x04 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x15\n\rmax_key_bytes\x18\x06 \x01(\r\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x0f\n\x07ucx_tls\x18\x08 \x01(\t\x12\x12\n\ndata_plane\x18\t \x01(\x08\x12\x14\n\x0clocal_socket\x18\n \x01(\t\x12\x0f\n\x07session\x18\x0b \x01(\x0c\x32\x92\x01\n\x07\x43luster\x12I\n\rGetClusterMap\x12 .kvstore.v1.GetClusterMapRequest\x1a\x16.kvstore.v1.ClusterMap\x12<\n\x05Hello\x12\x18.kvstore.v1.HelloRequest\x1a\x19.kvstore.v1.HelloResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE']._serialized_start=63
   _globals['_NODE']._serialized_end=119
   _globals['_NAMESPACEPOLICY']._serialized_start=122
-  _globals['_NAMESPACEPOLICY']._serialized_end=265
-  _globals['_CLUSTERMAP']._serialized_start=268
-  _globals['_CLUSTERMAP']._serialized_end=497
-  _globals['_GETCLUSTERMAPREQUEST']._serialized_start=499
-  _globals['_GETCLUSTERMAPREQUEST']._serialized_end=521
-  _globals['_HELLOREQUEST']._serialized_start=523
-  _globals['_HELLOREQUEST']._serialized_end=630
-  _globals['_HELLORESPONSE']._serialized_start=633
-  _globals['_HELLORESPONSE']._serialized_end=909
-  _globals['_CLUSTER']._serialized_start=912
-  _globals['_CLUSTER']._serialized_end=1058
+  _globals['_NAMESPACEPOLICY']._serialized_end=294
+  _globals['_CLUSTERMAP']._serialized_start=297
+  _globals['_CLUSTERMAP']._serialized_end=526
+  _globals['_GETCLUSTERMAPREQUEST']._serialized_start=528
+  _globals['_GETCLUSTERMAPREQUEST']._serialized_end=550
+  _globals['_HELLOREQUEST']._serialized_start=552
+  _globals['_HELLOREQUEST']._serialized_end=659
+  _globals['_HELLORESPONSE']._serialized_start=662
+  _globals['_HELLORESPONSE']._serialized_end=938
+  _globals['_CLUSTER']._serialized_start=941
+  _globals['_CLUSTER']._serialized_end=1087
 # @@protoc_insertion_point(module_scope)
