@@ -78,6 +78,8 @@ class ServerConfig:
     max_sessions: int = 4096
     # Seconds a data-plane session may go unused before it is closed.
     session_idle: float = 600.0
+    # Sessions one client (one credential from one host) may hold; past it its own oldest closes.
+    sessions_per_client: int = 64
     # Bytes of inline get values held in flight (read, not yet sent): daemon-wide,
     # per tenant and per client connection; a get beyond them is answered in part.
     in_flight_bytes: int = size_field(2 << 30)
@@ -168,6 +170,8 @@ class ServerConfig:
                     raise ConfigError(f"{name}: {exc}") from None
         if self.max_sessions < 1:
             raise ConfigError("max_sessions: must be at least 1")
+        if self.sessions_per_client < 1:
+            raise ConfigError("sessions_per_client: must be at least 1")
         if self.session_idle <= 0:
             raise ConfigError("session_idle: must be positive")
         if self.etcd_ttl < 1:

@@ -143,6 +143,7 @@ class Daemon:
             others_waiting=lambda: self.metrics.requests_in_flight > 1,
             max_sessions=config.max_sessions,
             session_idle=config.session_idle,
+            sessions_per_client=config.sessions_per_client,
         )
         if not self.dataplane.enabled:
             log.info("zero-copy data plane off: %s", self.dataplane.reason)

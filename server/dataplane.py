@@ -72,6 +72,7 @@ class ClientSession:
     endpoint: object
     # Who said Hello (the guard's principal): only the same credential may use the session.
     owner: str = ""
+    source: str = ""  # the host its Hello came from
     # (region_id, rkey bytes, address, length) -> RemoteKey bounded to that range
     rkeys: OrderedDict = field(default_factory=OrderedDict)
     # (region_id, token) -> SharedMemory, or None when it could not be mapped
@@ -114,6 +115,7 @@ class DataPlane:
         others_waiting: Callable[[], bool] = lambda: True,
         max_sessions: int = 4096,
         session_idle: float = 600.0,
+        sessions_per_client: int = 64,
     ) -> None:
         """``arena_buffer``: the memory tier's arena (``BlockStore.arena_buffer()``),
         registered here once; transfers address it by the offsets storage gives.
@@ -121,6 +123,7 @@ class DataPlane:
         closed past it), none unused for longer than ``session_idle`` seconds."""
         self.tls = tls or ""
         self.max_sessions = max_sessions
+        self.sessions_per_client = sessions_per_client
         self.session_idle = session_idle
         self._others_waiting = others_waiting  # whether other requests are being served meanwhile
         self._copying = 0  # shared-memory copies under way (read and written on the event loop only)
@@ -153,10 +156,14 @@ class DataPlane:
         if self.enabled:
             self.address_check.start()
 
-    async def hello(self, client_id: str, worker_address: bytes, previous: bytes = b"", owner: str = "") -> bytes:
+    async def hello(
+        self, client_id: str, worker_address: bytes, previous: bytes = b"", owner: str = "", source: str = ""
+    ) -> bytes:
         """Open an endpoint to a client's worker; the secret that names the new
         session, which only ``owner`` may use. ``previous``, a session the same
-        client had, is closed."""
+        client had, is closed. One ``(owner, source host)`` holds at most
+        ``sessions_per_client`` sessions: past it its own least recently used
+        closes, so a flood of Hellos from one client never evicts another's."""
         if not client_id:
             raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code=ErrorCode.UNKNOWN_CLIENT)
         worker_address = bytes(worker_address)
@@ -171,6 +178,14 @@ class DataPlane:
         except Exception as exc:
             raise errors.InvalidArgumentError(f"cannot reach the client's worker address: {exc}") from None
         self._reap()
+        group = (owner, source)
+        mine = [k for k, s in self.sessions.items() if (s.owner, s.source) == group]
+        for oldest in mine[: max(0, len(mine) - self.sessions_per_client + 1)]:
+            log.info(
+                "closing the least recently used data-plane session of client %s: %d held from %s",
+                self.sessions[oldest].client_id, len(mine), source or "its host",
+            )
+            self.drop(oldest)
         while len(self.sessions) >= self.max_sessions:  # a flood of Hellos cannot hold every fd
             oldest = next(iter(self.sessions))
             log.info(
@@ -179,7 +194,7 @@ class DataPlane:
             )
             self.drop(oldest)
         secret = secrets.token_bytes(SESSION_SECRET_BYTES)
-        self.sessions[secret] = ClientSession(client_id, secret, endpoint, owner)
+        self.sessions[secret] = ClientSession(client_id, secret, endpoint, owner, source)
         return secret
 
     def session(self, secret: bytes, owner: str = "") -> ClientSession:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--session-idle", type=float, help=f"seconds a data-plane session may go unused (default {d.session_idle:g})"
     )
+    p.add_argument(
+        "--sessions-per-client", type=int,
+        help=f"data-plane sessions one credential may hold from one host (default {d.sessions_per_client})",
+    )
     p.add_argument("--no-data-plane", dest="data_plane", action="store_const", const=False, help="serve inline values only")
     p.add_argument(
         "--no-local-channel", dest="local_channel", action="store_const", const=False,

@@ -54,7 +54,8 @@ class ClusterService:
         session = b""
         if request.worker_address and self.dataplane.enabled:
             session = await self.dataplane.hello(
-                request.client_id, request.worker_address, request.previous_session, owner=caller().key
+                request.client_id, request.worker_address, request.previous_session, owner=caller().key,
+                source=peer_host(context),
             )
         return pb.HelloResponse(
             session=session,
@@ -68,3 +69,9 @@ class ClusterService:
             server_version=__version__,
             local_socket=self.local_socket if self.dataplane.enabled else "",
         )
+
+
+def peer_host(context) -> str:
+    """The host part of the caller's address ("ipv4:10.0.0.5:41234" -> "ipv4:10.0.0.5")."""
+    peer = context.peer() if hasattr(context, "peer") else ""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer

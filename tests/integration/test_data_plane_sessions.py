@@ -154,15 +154,17 @@ async def test_descriptors_outside_the_registered_region_are_refused_before_any_
 
 
 @contextlib.asynccontextmanager
-async def raw_hellos(address: str, count: int):
+async def raw_hellos(address: str, count: int, token: str = ""):
     """``count`` Hellos, each from a worker of its own (as a flood from one process
     would be); yields their sessions while the workers live."""
     workers = [_native.Worker(_native.Context(None)) for _ in range(count)]
+    credential = ((("authorization", f"Bearer {token}"),) if token else ())
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = cluster_pb2_grpc.ClusterStub(channel)
             yield [
-                (await stub.Hello(cluster_pb2.HelloRequest(client_id=f"flood-{i}", worker_address=w.address), timeout=30)).session
+                (await stub.Hello(cluster_pb2.HelloRequest(client_id=f"flood-{i}", worker_address=w.address), timeout=30,
+                                  metadata=credential)).session
                 for i, w in enumerate(workers)
             ]
     finally:
@@ -188,6 +190,32 @@ async def test_a_flood_of_hellos_holds_at_most_max_sessions_and_clients_say_hell
                     assert await kv.get_into([b"k"], region, [64], [4]) == [4] and bytes(region.buffer[64:68]) == b"keep"
                     assert conn.generation == generation + 1
                     assert len(d.daemon.dataplane.sessions) == 3
+    finally:
+        d.stop()
+
+
+async def test_a_flood_of_hellos_from_one_client_closes_its_own_sessions_only(tmp_path, tenant):
+    """Past sessions_per_client, the flooding credential loses its own oldest sessions, never another's."""
+    from tests.conftest import ThreadedDaemon
+
+    admin = "admin-token-of-the-session-tests-0123"
+    d = ThreadedDaemon(tmp_path / "d", sessions_per_client=3, auth="token", admin_token=admin)
+    try:
+        async with Client(d.address, token=admin, transport="inline") as a:
+            await a.create_namespace(tenant, "default")
+            victim, flooder = (await a.create_token(tenant))["token"], (await a.create_token(tenant))["token"]
+        async with Client(d.address, tenant=tenant, token=victim, transport="ucx") as kv:
+            with kv.allocate(1 << 16) as region:
+                region.buffer[:4] = b"keep"
+                await kv.put_from([b"k"], region, [0], [4])
+                conn = next(iter(kv._nodes.connections.values()))
+                generation = conn.generation
+                async with raw_hellos(d.address, 8, flooder) as sessions:
+                    held = set(d.daemon.dataplane.sessions)
+                    assert held & set(sessions) == set(sessions[-3:])  # the flooder's newest three
+                    assert conn.hello.session in held
+                    assert await kv.get_into([b"k"], region, [64], [4]) == [4] and bytes(region.buffer[64:68]) == b"keep"
+                    assert conn.generation == generation  # the victim never had to say Hello again
     finally:
         d.stop()
 
