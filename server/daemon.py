@@ -154,7 +154,6 @@ class Daemon:
             tls=tls.peer_credentials(config),
         )
         await self._join_cluster()
-        self.auth_sync = AuthSync(self.guard.table, self.cluster, self.peers)
         admission = Admission(
             total_bytes=config.in_flight_bytes,
             tenant_bytes=config.tenant_in_flight_bytes,
@@ -249,6 +248,9 @@ class Daemon:
             vnodes=config.vnodes or DEFAULT_VNODES,
             data_dir=Path(config.data_dir),
         )
+        self.auth_sync = AuthSync(self.guard.table, self.cluster, self.peers)
+        if hasattr(self.membership, "put_auth"):
+            self.auth_sync.use_etcd(self.membership)  # before start: its first list carries the table
         self.cluster.update(await self.membership.start(self.cluster.update, self._policies_changed))
 
     def _policies_changed(self, table: dict[tuple[str, str], dict]) -> None:

@@ -19,6 +19,7 @@ import logging
 import grpc
 
 from kvstore._proto.v1 import admin_pb2 as pb
+from kvstore.errors import KVStoreError
 from kvstore.server.auth.table import AuthTable, Entry
 from kvstore.server.cluster.peers import Peers
 from kvstore.server.cluster.state import ClusterState
@@ -61,8 +62,40 @@ class AuthSync:
         self.timeout = timeout
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.store = None  # EtcdMembership under etcd membership
+        self._stored: dict[str, int] = {}  # entry key -> updated_ns etcd has (so that merges are not written back)
         table.listeners.append(lambda keys: self._wake.set())
         cluster.on_change(lambda old, new: self._wake.set())
+
+    def use_etcd(self, membership) -> None:
+        """Keep the table in etcd too: merge what the watch delivers, write what changes here."""
+        self.store = membership
+        membership.on_auth = self._from_etcd
+
+    def _from_etcd(self, items: list[tuple[str, bytes]]) -> None:
+        entries = []
+        for key, raw in items:
+            try:
+                item = json.loads(raw)
+                entry = Entry(item["value"], int(item["updated_ns"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed table entry %r in etcd", key[:80])
+                continue
+            self._stored[key] = max(self._stored.get(key, 0), entry.updated_ns)
+            entries.append((key, entry))
+        self.table.merge(entries)
+
+    async def _to_etcd(self) -> None:
+        fresh = [
+            (key, entry) for key, entry in self.table.entries.items() if entry.updated_ns > self._stored.get(key, 0)
+        ]
+        if not fresh:
+            return
+        await self.store.put_auth(
+            [(key, json.dumps({"value": e.value, "updated_ns": e.updated_ns}, sort_keys=True).encode()) for key, e in fresh]
+        )
+        for key, entry in fresh:
+            self._stored[key] = max(self._stored.get(key, 0), entry.updated_ns)
 
     def start(self) -> None:
         self._wake.set()  # first exchange at once: catch up with what changed while we were away
@@ -84,7 +117,12 @@ class AuthSync:
             await self.exchange()
 
     async def exchange(self, timeout: float | None = None) -> int:
-        """One exchange with every other member; returns how many answered."""
+        """One exchange with every other member (and etcd); returns how many members answered."""
+        if self.store is not None:
+            try:
+                await self._to_etcd()
+            except KVStoreError as exc:
+                log.warning("writing the namespaces and tokens table to etcd failed (members still get it): %s", exc)
         others = [m for m in self.cluster.members.members if m.node_id != self.cluster.node_id]
         if not others:
             return 0

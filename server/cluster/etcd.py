@@ -6,6 +6,8 @@ Keys, under a cluster prefix (default ``/kvstore/default``)::
     {prefix}/members/{node_id}              {"address": "host:port", "weight": 1.0}, on this daemon's lease
     {prefix}/epoch                          20-digit decimal: the highest epoch any daemon has derived
     {prefix}/policies/{tenant}/{subtenant}  a namespace policy (JSON object), no lease
+    {prefix}/auth/{entry key}               an entry of the namespaces and tokens table
+                                            (JSON {"value", "updated_ns"}; server/auth/table.py), no lease
 
 Epoch. The epoch of a member list is the etcd revision of the last change to
 the members prefix: the mod revision of the newest live member key, or the
@@ -183,6 +185,7 @@ class EtcdMembership(Membership):
 
         self._members_prefix = f"{self.prefix}/members/".encode()
         self._policies_prefix = f"{self.prefix}/policies/".encode()
+        self._auth_prefix = f"{self.prefix}/auth/".encode()
         self._epoch_key = f"{self.prefix}/epoch".encode()
         self._my_key = self._members_prefix + me.node_id.encode()
         self._my_value = json.dumps({"address": me.address, "weight": me.weight}, sort_keys=True).encode()
@@ -199,6 +202,8 @@ class EtcdMembership(Membership):
 
         self._on_change: Callable[[MemberList], None] | None = None
         self._on_policies: Callable[[PolicyTable], None] | None = None
+        # Gets [(entry key, JSON bytes)] of the table's entries: all at each list, then each change.
+        self.on_auth: Callable[[list[tuple[str, bytes]]], None] | None = None
         self._task: asyncio.Task | None = None
         self._first: asyncio.Future | None = None
         self._kv: Any = None
@@ -286,6 +291,18 @@ class EtcdMembership(Membership):
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 log.warning("etcd: reading policies failed, returning the last seen: %s", etcd_error(exc))
         return dict(self._policies)
+
+    # -- the namespaces and tokens table -------------------------------------
+
+    async def put_auth(self, entries: list[tuple[str, bytes]]) -> None:
+        """Store table entries (one transaction); every daemon's watch sees them."""
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=self._auth_prefix + k.encode(), value=v)) for k, v in entries]
+        if ops:
+            await self._unary(lambda kv: kv.Txn(rpc.TxnRequest(success=ops), timeout=self._rpc_timeout))
+
+    def _auth_changed(self, kvs) -> None:
+        if self.on_auth is not None:
+            self.on_auth([(item.key[len(self._auth_prefix):].decode(errors="replace"), item.value) for item in kvs])
 
     def _policy_key(self, tenant: str, subtenant: str) -> bytes:
         validate_name("tenant", tenant)
@@ -421,12 +438,13 @@ class EtcdMembership(Membership):
                     range_op(self._members_prefix, _prefix_end(self._members_prefix)),
                     range_op(self._epoch_key),
                     range_op(self._policies_prefix, _prefix_end(self._policies_prefix)),
+                    range_op(self._auth_prefix, _prefix_end(self._auth_prefix)),
                 ]
             ),
             timeout=self._rpc_timeout,
         )
         revision = reply.header.revision
-        members_kvs, epoch_kvs, policy_kvs = (r.response_range.kvs for r in reply.responses)
+        members_kvs, epoch_kvs, policy_kvs, auth_kvs = (r.response_range.kvs for r in reply.responses)
         members, mod_revisions = {}, {}
         for item in members_kvs:
             member = self._parse_member(item.key, item.value)
@@ -437,6 +455,7 @@ class EtcdMembership(Membership):
         self._epoch_key_value = _decode_epoch(epoch_kvs[0].value) if epoch_kvs else 0
         self._snapshot_revision = revision
         self._set_policies(self._parse_policies(policy_kvs), initial=not self._first.done())
+        self._auth_changed(auth_kvs)
         await self._advance(max(self._visible_epoch(), 1), revision, kv)
         return revision, max(mod_revisions.values(), default=revision) + 1
 
@@ -475,6 +494,7 @@ class EtcdMembership(Membership):
     async def _apply(self, events, kv) -> None:
         revision = 0
         policies = None
+        auth = []
         for event in events:
             key, rev = event.kv.key, event.kv.mod_revision
             if key.startswith(self._members_prefix):
@@ -494,6 +514,9 @@ class EtcdMembership(Membership):
             elif key == self._epoch_key and rev > self._snapshot_revision:
                 self._epoch_key_value = _decode_epoch(event.kv.value) if event.type == _PUT else 0
                 revision = max(revision, self._epoch_key_value)
+            elif key.startswith(self._auth_prefix) and rev > self._snapshot_revision:
+                if event.type == _PUT:  # entries are never deleted: a deletion is an entry too
+                    auth.append(event.kv)
             elif key.startswith(self._policies_prefix) and rev > self._snapshot_revision:
                 if policies is None:
                     policies = dict(self._policies)
@@ -508,6 +531,8 @@ class EtcdMembership(Membership):
                         policies[name] = policy
         if policies is not None:
             self._set_policies(policies)
+        if auth:
+            self._auth_changed(auth)
         if revision:
             await self._advance(revision, revision, kv)
         if self.me.node_id not in self._members:
