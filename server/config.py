@@ -89,6 +89,8 @@ class ServerConfig:
     tenant_requests: int = 2048
     # Concurrent calls per gRPC connection (HTTP/2 streams; more wait in the client).
     connection_streams: int = 128
+    # gRPC connections held at once; more are closed as they arrive.
+    max_connections: int = 4096
     # Seconds before an idle gRPC connection is closed (its client reconnects when it
     # needs to); silent ones (no answer to keepalive pings) go within a minute.
     connection_idle: float = 300.0
@@ -177,7 +179,7 @@ class ServerConfig:
         if self.etcd_ttl < 1:
             raise ConfigError("etcd_ttl: must be at least 1 second")
         for name in ("in_flight_bytes", "tenant_in_flight_bytes", "connection_in_flight_bytes", "tenant_requests",
-                     "connection_streams"):
+                     "connection_streams", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be positive")
         if self.connection_idle <= 0:

@@ -55,6 +55,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),
         # One connection's calls at once: the rest wait in its client, not in this daemon.
         ("grpc.max_concurrent_streams", config.connection_streams),
+        # Past this many connections new ones are closed at once: a flood cannot take every descriptor.
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
         # A connection that never completes its TLS/HTTP/2 handshake is dropped after 10 s ...
         ("grpc.server_handshake_timeout_ms", 10_000),
         # ... one that answers no ping within 20 s (half-open, or a silent peer) after at most 50 s ...

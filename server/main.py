@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connection-in-flight-bytes", help=f"... per client connection (default {size(d.connection_in_flight_bytes)})")
     p.add_argument("--tenant-requests", type=int, help=f"Data calls of one tenant served at once (default {d.tenant_requests})")
     p.add_argument("--connection-streams", type=int, help=f"concurrent calls per gRPC connection (default {d.connection_streams})")
+    p.add_argument("--max-connections", type=int, help=f"gRPC connections held at once (default {d.max_connections})")
     p.add_argument("--connection-idle", type=float, help=f"seconds before an idle connection closes (default {d.connection_idle:g})")
     p.add_argument(
         "--auth", choices=("open", "token"),
@@ -119,6 +120,18 @@ async def serve(config: ServerConfig) -> None:
     logging.getLogger("kvstore.server").info("stopped")
 
 
+def raise_file_limit() -> None:
+    """Connections, sessions and segment files each take a descriptor: allow as many as the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def tune_allocator() -> None:
     """Keep large buffers on glibc's heap instead of fresh mmaps.
 
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 2
     tune_allocator()
+    raise_file_limit()
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -213,3 +213,30 @@ async def test_one_failed_transfer_drops_the_session_only_when_its_endpoint_brok
     assert caught.value.code == ErrorCode.TRANSFER_FAILED and caught.value.retryable
     assert (session.secret in plane.sessions) is (not endpoint_failed)
     assert session.endpoint.closed is endpoint_failed
+
+
+def test_connections_past_max_connections_are_closed_and_the_rest_serve(tmp_path):
+    d = ThreadedDaemon(tmp_path / "data", memory=64 << 20, max_connections=8)
+    try:
+        host, port = d.address.rsplit(":", 1)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS
+        socks = []
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(preface)
+            socks.append(sock)
+        closed = 0
+        for sock in socks:
+            sock.settimeout(2)
+            try:
+                closed += sock.recv(64) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed >= 12  # every one past the first 8
+        for sock in socks:
+            sock.close()
+        with SyncClient(d.address, transport="inline") as c:
+            c.put(b"k", b"v")
+            assert c.get(b"k") == b"v"
+    finally:
+        d.stop()
