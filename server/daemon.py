@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
 from pathlib import Path
 
@@ -102,6 +104,10 @@ class Daemon:
         self.peers: Peers | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        self._tls = tls.server_credentials(config)
+        self._handlers: tuple = ()
+        self._guardian: asyncio.Task | None = None
+        self._stopping = False
 
     @property
     def address(self) -> str:
@@ -127,7 +133,7 @@ class Daemon:
             raise
         self.server = grpc.aio.server(options=server_options(config))
         try:
-            self.port = listen(self.server, config.listen, tls.server_credentials(config))
+            self.port = listen(self.server, config.listen, self._tls)
             if config.health_listen:
                 # Probes that speak neither TLS nor tokens: this port serves grpc.health.v1 alone.
                 self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -184,14 +190,8 @@ class Daemon:
             self.store, config, self.metrics, self.dataplane, self.cluster, self.membership, self.guard,
             self.rebalancer.snapshot, replicate=self.auth_sync.exchange,
         )
-        self.server.add_generic_rpc_handlers(
-            (data_handler, cluster.handler().protect(self.guard), admin.handler().protect(self.guard))
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
+        self._handlers = (data_handler, cluster.handler().protect(self.guard), admin.handler().protect(self.guard))
+        self._register(self.server)
         if self.local is not None:
             try:
                 await self.local.start()
@@ -204,6 +204,7 @@ class Daemon:
             # even briefly. Peers that are down answer at once (connection refused) or within 2 s.
             await self.auth_sync.exchange(timeout=2.0)
         await self.server.start()
+        self._guardian = asyncio.create_task(self._keep_grpc_serving(), name="kvstore-grpc-guardian")
         if self.health_server is not None:
             await self.health_server.start()
         self.rebalancer.start()
@@ -231,6 +232,51 @@ class Daemon:
             f" metrics=http://{config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "",
         )
         return self
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(self._handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+
+    async def _keep_grpc_serving(self) -> None:
+        """Serve again at once if grpc.aio's server loop dies under us.
+
+        One request whose :path is not UTF-8 makes grpcio's asyncio server loop
+        raise (it decodes the path before any handler of ours runs) and shut the
+        whole server down, while the process lives on. A new server on the same
+        port takes over within milliseconds; the calls in flight on the old one
+        fail (UNAVAILABLE) and their clients retry."""
+        while True:
+            server = self.server
+            try:
+                # Shielded: cancelling this watch must not cancel the server's own shutdown future.
+                await asyncio.shield(server.wait_for_termination())
+                reason = "it stopped"
+            except Exception as exc:  # the server loop's own exception
+                reason = f"{type(exc).__name__}: {exc}"
+            if self._stopping or self.server is not server:
+                return
+            log.error("the gRPC server stopped unexpectedly (%s); serving again on port %d", reason, self.port)
+            self.metrics.grpc_restarts.inc()
+            host, _ = parse_address(self.config.listen)
+            address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+            for attempt in range(50):
+                replacement = grpc.aio.server(options=server_options(self.config))
+                try:
+                    listen(replacement, address, self._tls)
+                    break
+                except ConfigError:  # the old socket is still closing
+                    await asyncio.sleep(0.02 * (attempt + 1))
+            else:
+                log.error("cannot listen on %s again; stopping", address)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self._register(replacement)
+            await replacement.start()
+            self.server = replacement
 
     async def _join_cluster(self) -> None:
         config = self.config
@@ -290,6 +336,11 @@ class Daemon:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), flush, close."""
         grace = self.config.drain_seconds if grace is None else grace
+        self._stopping = True
+        if self._guardian is not None:
+            self._guardian.cancel()
+            await asyncio.gather(self._guardian, return_exceptions=True)
+            self._guardian = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             # Both transports drain in the same window.

@@ -62,6 +62,7 @@ INLINE_COPY_BYTES = 4 << 20  # a batch this small is copied on the event loop (<
 # and a request that arrives meanwhile waits at most one copy (~2-4 ms).
 ALONE_INLINE_COPY_BYTES = 64 << 20
 SESSION_SECRET_BYTES = 16
+UCS_ERR_INVALID_PARAM = -5
 MAX_ADDRESS = (1 << 64) - 1
 
 
@@ -75,7 +76,7 @@ class ClientSession:
     source: str = ""  # the host its Hello came from
     # (region_id, rkey bytes, address, length) -> RemoteKey bounded to that range
     rkeys: OrderedDict = field(default_factory=OrderedDict)
-    # (region_id, token) -> SharedMemory, or None when it could not be mapped
+    # (token, address) -> SharedMemory, or None when it could not be mapped
     shared: OrderedDict = field(default_factory=OrderedDict)
     pidfd: int = -1  # the client's process, watched once it shared memory
     since: float = field(default_factory=time.monotonic)
@@ -165,7 +166,7 @@ class DataPlane:
         ``sessions_per_client`` sessions: past it its own least recently used
         closes, so a flood of Hellos from one client never evicts another's."""
         if not client_id:
-            raise errors.InvalidArgumentError("Hello with a worker address needs a client_id", code=ErrorCode.UNKNOWN_CLIENT)
+            raise errors.InvalidArgumentError("Hello with a worker address needs a client_id")
         worker_address = bytes(worker_address)
         await self.address_check.check(worker_address)  # UCX would abort on a malformed one
         old = self.sessions.get(previous) if previous else None
@@ -173,10 +174,18 @@ class DataPlane:
             self.drop(previous)
         try:
             endpoint = self.worker.connect(worker_address)
-        except errors.KVStoreError:
+        except errors.KVStoreError as exc:
+            if getattr(exc, "status", None) == UCS_ERR_INVALID_PARAM:
+                # An address the check's child survived but UCX still cannot use: the client's to fix.
+                raise errors.InvalidArgumentError(
+                    f"the worker address is not one UCX can make an endpoint to: {exc.message}",
+                    code=ErrorCode.INVALID_WORKER_ADDRESS,
+                ) from None
             raise
         except Exception as exc:
-            raise errors.InvalidArgumentError(f"cannot reach the client's worker address: {exc}") from None
+            raise errors.InvalidArgumentError(
+                f"cannot reach the client's worker address: {exc}", code=ErrorCode.INVALID_WORKER_ADDRESS
+            ) from None
         self._reap()
         group = (owner, source)
         mine = [k for k, s in self.sessions.items() if (s.owner, s.source) == group]
@@ -275,7 +284,8 @@ class DataPlane:
         if not region.HasField("shared_memory"):
             return None
         shm = region.shared_memory
-        cache_key = (region.region_id, shm.token)
+        # By the memory, not the region id: naming one memfd under many ids maps it once.
+        cache_key = (shm.token, shm.address)
         cached = session.shared.get(cache_key)
         if cached is not None or cache_key in session.shared:
             session.shared.move_to_end(cache_key)

@@ -49,6 +49,9 @@ class Metrics:
             ["method", "code"],
             registry=r,
         )
+        self.grpc_restarts = Counter(
+            "kvstore_grpc_server_restarts", "Times the gRPC server died under the daemon and was started again", registry=r
+        )
         self.rate_limited = Counter(
             "kvstore_rate_limited", "Calls refused by a namespace's request rate or an in-flight bound, by code",
             ["code"], registry=r,

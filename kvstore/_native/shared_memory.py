@@ -126,8 +126,9 @@ class SharedMemory:
                 )
             if fcntl.fcntl(own, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK == 0:
                 raise SharedMemoryUnavailable("the client's shared memory is not sealed against shrinking")
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            buffer = mmap.mmap(own, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # No MAP_POPULATE: it would allocate every page of a sparse memfd the client never
+            # touched (a 2 GiB one cost the host 2 GiB); pages fault in as copies reach them.
+            buffer = mmap.mmap(own, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             raise SharedMemoryUnavailable(f"cannot map the client's shared memory: {exc}") from None
         finally:
