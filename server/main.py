@@ -150,7 +150,25 @@ def tune_allocator() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+SERVER_MODULES = ("rocksdict", "grpc_health", "grpc_reflection", "prometheus_client", "aetcd")
+
+
+def missing_server_modules() -> list[str]:
+    """The daemon's dependencies (the ``server`` extra) that this environment lacks."""
+    import importlib.util
+
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_server_modules()
+    if missing:
+        print(
+            f"kvstore-server: this environment has the kvstore SDK but not the daemon's dependencies "
+            f"({', '.join(missing)}): pip install 'kvstore[server]'",
+            file=sys.stderr,
+        )
+        return 2
     try:
         config = load_config(argv)
     except KVStoreError as exc:

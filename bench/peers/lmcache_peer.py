@@ -8,10 +8,10 @@ answers commands of a connection in order, so its reply means every PUT before
 it was stored); every GET header, then each reply header and value read with
 ``recv_into`` straight into the caller's buffer.
 
-LMCache cannot be installed next to kvstore (see README.md beside this file):
-``lmcache`` pins ``protobuf<7`` while kvstore needs ``protobuf>=7.35.1``, and it
-pulls torch and the CUDA Python stack even on a CPU-only host. So this peer is
-normally reported as skipped; it was written against LMCache's v1 protocol
+LMCache is not in the bench's environment (see README.md beside this file): it
+pulls torch and the CUDA Python stack even on a CPU-only host and pins numpy,
+prometheus_client and setuptools below the bench's. So this peer is normally
+reported as skipped; it was written against LMCache's v1 protocol
 module and is untested here. It uses LMCache's own message classes, so their
 layout follows the installed version.
 """
@@ -31,9 +31,8 @@ from kvstore.harness.process import ServerProcess
 
 HOST = "127.0.0.1"
 WHY_NOT_INSTALLED = (
-    "LMCache cannot be installed next to kvstore: lmcache 0.5.6 pins protobuf<7 (kvstore needs "
-    "protobuf>=7.35.1), numpy<=2.2.6, prometheus_client<=0.24.1 and setuptools<81, and requires torch, "
-    "cupy-cuda13x, cuda-python>=13 and more even on a CPU-only host; install it in an environment of its own"
+    "lmcache is not in the bench's environment: lmcache 0.5.6 pins numpy<=2.2.6, prometheus_client<=0.24.1 "
+    "and setuptools<81, and requires torch, cupy-cuda13x, cuda-python>=13 and more even on a CPU-only host"
 )
 
 

@@ -23,23 +23,59 @@ import urllib.request
 from typing import Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore._proto.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 from kvstore.protocol.metadata import bearer, channel_options
 from kvstore.protocol.status import error_from_rpc
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
+# The standard health service (grpc/health/v1/health.proto), spoken without its
+# package (grpcio-health-checking is the daemon's dependency, not the SDK's): the
+# request for the whole server is empty, the answer's field 1 is the status.
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVING = 1
+STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def health_status(raw: bytes) -> int:
+    """The ``status`` of a serialized HealthCheckResponse (0, UNKNOWN, when absent)."""
+    position = 0
+    while position < len(raw):
+        tag, position = _varint(raw, position)
+        if tag == 0x08:  # field 1, varint
+            return _varint(raw, position)[0]
+        if tag & 7 == 0:
+            position = _varint(raw, position)[1]
+        elif tag & 7 == 2:
+            length, position = _varint(raw, position)
+            position += length
+        else:
+            return 0
+    return 0
+
+
+def _varint(raw: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
+def _health_check(channel):
+    return channel.unary_unary(HEALTH_CHECK, request_serializer=None, response_deserializer=None)
 
 
 def grpc_serving(address: str, timeout: float = 1.0) -> bool:
     """Whether the daemon at ``address`` answers the gRPC health check as SERVING."""
     with grpc.insecure_channel(address, options=channel_options()) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = _health_check(channel)(b"", timeout=timeout)
         except grpc.RpcError:
             return False
-    return reply.status == SERVING
+    return health_status(reply) == SERVING
 
 
 def etcd_healthy(endpoint: str, timeout: float = 1.0) -> bool:
@@ -78,11 +114,11 @@ async def probe(address: str, timeout: float) -> dict:
     tiers, data plane, rebalancing, epoch, members, replicas and write quorum."""
     async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
         try:
-            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            health = health_status(await _health_check(channel)(b"", timeout=timeout))
         except grpc.RpcError as exc:
             return {"health": "down", "error": describe_error(exc, address)}
-        if health.status != SERVING:
-            name = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
+        if health != SERVING:
+            name = STATUS_NAMES.get(health, str(health))
             return {"health": "down", "error": f"health check: {name}"}
         out: dict = {"health": "up", "error": None}
         # Statistics are the operator's: under --auth token they need the admin token.

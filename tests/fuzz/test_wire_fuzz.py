@@ -297,7 +297,10 @@ def test_a_non_utf8_path_does_not_stop_the_grpc_server(tmp_path):
                     + daemon.log_since(0)[-1500:]
                 )
                 time.sleep(0.05)
-        assert daemon.metrics().get("kvstore_grpc_server_restarts_total") == 5  # the precondition: it did die, each time
+        # Where grpcio has the bug (1.85 does, 1.78 does not) its loop died each time and the daemon took over.
+        restarts = daemon.metrics().get("kvstore_grpc_server_restarts_total", 0)
+        died = daemon.log_since(0).count("_server_main_loop")
+        assert (restarts, bool(died)) in ((0, False), (5, True)), (restarts, died)
         received, closed = exchange(daemon.address, unary_call(b"/kvstore.v1.Data/Stat", stat_message()))
         assert grpc_statuses(received) == [0]
     finally:

@@ -13,9 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_current():
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "protos" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    try:
+        spec = importlib.util.spec_from_file_location("generate", ROOT / "protos" / "generate.py")
+        generate = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(generate)
+        installed = generate.generator_version()
+    except ImportError:
+        pytest.skip("no grpcio-tools here (the newest-dependency run): the main test run checks the stubs")
+    if installed != generate.GENERATOR:
+        pytest.skip(f"grpcio-tools {installed} is not the generator ({generate.GENERATOR}): the main test run checks")
     assert generate.stale_files() == [], "run: python protos/generate.py"
 
 

@@ -91,7 +91,7 @@ class ServerStatsResponse(_message.Message):
     cluster_nodes: int
     membership: str
     rebalance: RebalanceStatus
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., data_dir: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., data_plane: _Optional[bool] = ..., ucx_tls: _Optional[str] = ..., data_plane_clients: _Optional[int] = ..., arena_used_bytes: _Optional[int] = ..., cluster_epoch: _Optional[int] = ..., cluster_nodes: _Optional[int] = ..., membership: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., data_dir: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., data_plane: bool = ..., ucx_tls: _Optional[str] = ..., data_plane_clients: _Optional[int] = ..., arena_used_bytes: _Optional[int] = ..., cluster_epoch: _Optional[int] = ..., cluster_nodes: _Optional[int] = ..., membership: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ...) -> None: ...
 
 class RebalanceStatus(_message.Message):
     __slots__ = ("state", "epoch", "keys_scanned", "keys_total", "keys_copied", "bytes_copied", "keys_dropped", "errors", "last_error")
@@ -137,7 +137,7 @@ class CreateNamespaceResponse(_message.Message):
     __slots__ = ("created",)
     CREATED_FIELD_NUMBER: _ClassVar[int]
     created: bool
-    def __init__(self, created: _Optional[bool] = ...) -> None: ...
+    def __init__(self, created: bool = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("id", "tenant", "subtenant", "read_only", "created", "description")
@@ -153,7 +153,7 @@ class TokenInfo(_message.Message):
     read_only: bool
     created: float
     description: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., subtenant: _Optional[str] = ..., read_only: _Optional[bool] = ..., created: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., subtenant: _Optional[str] = ..., read_only: bool = ..., created: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("tenant", "subtenant", "read_only", "description")
@@ -165,7 +165,7 @@ class CreateTokenRequest(_message.Message):
     subtenant: str
     read_only: bool
     description: str
-    def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ..., read_only: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+    def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ..., read_only: bool = ..., description: _Optional[str] = ...) -> None: ...
 
 class CreateTokenResponse(_message.Message):
     __slots__ = ("info", "token")
@@ -207,7 +207,7 @@ class AuthRecord(_message.Message):
     value: bytes
     updated_ns: int
     deleted: bool
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., updated_ns: _Optional[int] = ..., deleted: _Optional[bool] = ...) -> None: ...
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., updated_ns: _Optional[int] = ..., deleted: bool = ...) -> None: ...
 
 class SyncAuthRequest(_message.Message):
     __slots__ = ("records",)

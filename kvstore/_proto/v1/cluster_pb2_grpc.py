@@ -6,7 +6,7 @@ import warnings
 
 from kvstore._proto.v1 import cluster_pb2 as kvstore_dot_v1_dot_cluster__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class ClusterStub:
+class ClusterStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -47,7 +47,7 @@ class ClusterStub:
                 _registered_method=True)
 
 
-class ClusterServicer:
+class ClusterServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetClusterMap(self, request, context):
@@ -83,7 +83,7 @@ def add_ClusterServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Cluster:
+class Cluster(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -55,7 +55,7 @@ class SharedMemory(_message.Message):
     length: int
     address: int
     checksums_omitted: bool
-    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[str] = ..., length: _Optional[int] = ..., address: _Optional[int] = ..., checksums_omitted: _Optional[bool] = ...) -> None: ...
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[str] = ..., length: _Optional[int] = ..., address: _Optional[int] = ..., checksums_omitted: bool = ...) -> None: ...
 
 class BlockWrite(_message.Message):
     __slots__ = ("key", "value", "length", "checksum", "remote_address")
@@ -129,7 +129,7 @@ class BlockRead(_message.Message):
     length: int
     checksum: int
     too_small: bool
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., too_small: _Optional[bool] = ...) -> None: ...
+    def __init__(self, found: bool = ..., value: _Optional[bytes] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., too_small: bool = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("results", "shared_memory")
@@ -137,7 +137,7 @@ class GetResponse(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BlockRead]
     shared_memory: bool
-    def __init__(self, results: _Optional[_Iterable[_Union[BlockRead, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    def __init__(self, results: _Optional[_Iterable[_Union[BlockRead, _Mapping]]] = ..., shared_memory: bool = ...) -> None: ...
 
 class KeysRequest(_message.Message):
     __slots__ = ("namespace", "keys")
@@ -193,7 +193,7 @@ class ListResponse(_message.Message):
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[ListEntry]
     truncated: bool
-    def __init__(self, entries: _Optional[_Iterable[_Union[ListEntry, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    def __init__(self, entries: _Optional[_Iterable[_Union[ListEntry, _Mapping]]] = ..., truncated: bool = ...) -> None: ...
 
 class StatRequest(_message.Message):
     __slots__ = ("namespace",)

@@ -6,7 +6,7 @@ import warnings
 
 from kvstore._proto.v1 import data_pb2 as kvstore_dot_v1_dot_data__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class DataStub:
+class DataStub(object):
     """Batched block operations, all scoped to one namespace per request.
     """
 
@@ -73,7 +73,7 @@ class DataStub:
                 _registered_method=True)
 
 
-class DataServicer:
+class DataServicer(object):
     """Batched block operations, all scoped to one namespace per request.
     """
 
@@ -165,7 +165,7 @@ def add_DataServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Data:
+class Data(object):
     """Batched block operations, all scoped to one namespace per request.
     """
 
