@@ -28,19 +28,25 @@ from kvstore.server.daemon import Daemon  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run the long soak/fault forms")
+    parser.addoption(
+        "--no-engines", action="store_true", default=bool(os.environ.get("KVSTORE_NO_ENGINES")),
+        help="skip the inference-engine tests (they need PyPI and venvs of their own; also KVSTORE_NO_ENGINES=1)",
+    )
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long soak or benchmark forms, run with --runslow")
+    config.addinivalue_line("markers", "engines: tests against real inference engines (skip with --no-engines)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="long form: run with --runslow")
+    no_engines = pytest.mark.skip(reason="engine tests: skipped by --no-engines / KVSTORE_NO_ENGINES")
+    slow = pytest.mark.skip(reason="long form: run with --runslow")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "engines" in item.keywords and config.getoption("--no-engines"):
+            item.add_marker(no_engines)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(slow)
 
 
 class ThreadedDaemon:
