@@ -36,6 +36,8 @@ def validate_name(kind: str, name: str) -> str:
 
 def validate_key(key, index: int = -1) -> bytes:
     """Return ``key`` as bytes, or raise InvalidArgumentError naming what is wrong."""
+    if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:  # the common case, first: a batch checks every key
+        return key
     if isinstance(key, str):
         raise InvalidArgumentError(f"key {index} is a str; keys are bytes", code=ErrorCode.INVALID_ARGUMENT, index=index)
     if not isinstance(key, bytes):
