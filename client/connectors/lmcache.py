@@ -1,0 +1,210 @@
+"""LMCache's remote-storage plugin: LMCache 0.5.6 stores and loads its KV chunks in kvstore.
+
+Turned on by configuration alone::
+
+    remote_storage_plugins: [kvstore]
+    extra_config:
+      remote_storage_plugin.kvstore.module_path: kvstore.client.connectors.lmcache
+      remote_storage_plugin.kvstore.class_name: KVStoreConnector
+      remote_storage_plugin.kvstore.endpoints: 10.0.0.5:7600,10.0.0.6:7600
+      remote_storage_plugin.kvstore.tenant: acme
+      remote_storage_plugin.kvstore.subtenant: llama-70b
+      remote_storage_plugin.kvstore.durability: memory
+      remote_storage_plugin.kvstore.token: kvs_...
+
+Settings not given there come from the ``KVSTORE_*`` variables (``KVSTORE_ENDPOINTS``
+...). LMCache builds the connector as ``cls(loop=, local_cpu_backend=, config=)``
+and runs every coroutine on ``loop`` (its storage thread); the one synchronous
+call, ``batched_contains``, comes from the engine's thread and waits for the loop.
+
+A chunk's key is ``CacheEngineKey.to_string()``: model, world size, worker id,
+chunk hash, dtype and the request's ``lmcache.tag.*`` tags, so chunks of two
+models, ranks or tags never meet; tenant and subtenant keep deployments apart.
+With ``save_chunk_meta`` (LMCache's default) the stored value is LMCache's own
+``RemoteMetadata`` header then the payload, so LMCache's other backends could read
+it; without it, the payload alone. A prefix lookup is one ``lookup_prefix`` (one
+RPC per owner node). LMCache swallows every exception of a plugin into a miss, so
+this one logs the first failure of each kind at ERROR (then at most once a
+minute) and counts them in ``failures``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from lmcache.v1.memory_management import MemoryObj
+from lmcache.v1.protocol import RemoteMetadata
+from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
+
+from kvstore import errors
+from kvstore.client.api import Client
+
+log = logging.getLogger("kvstore.client.connectors.lmcache")
+
+PLUGIN = "kvstore"
+SETTINGS = ("endpoints", "tenant", "subtenant", "durability", "token", "timeout", "attempt_timeout", "transport")
+# LMCache waits on batched_contains and exists_sync with no deadline of its own.
+SYNC_TIMEOUT = 10.0
+
+
+def plugin_settings(extra_config: dict | None, name: str = PLUGIN) -> dict[str, Any]:
+    """The ``remote_storage_plugin.<name>.*`` settings of LMCache's extra_config."""
+    prefix = f"remote_storage_plugin.{name}."
+    found = {}
+    for key, value in (extra_config or {}).items():
+        if key.startswith(prefix) and key[len(prefix):] in SETTINGS:
+            found[key[len(prefix):]] = value
+    return found
+
+
+class KVStoreConnector(RemoteConnector):
+    def __init__(self, loop: asyncio.AbstractEventLoop, local_cpu_backend, config) -> None:
+        super().__init__(local_cpu_backend.config, local_cpu_backend.metadata)
+        self.loop = loop
+        self.local_cpu_backend = local_cpu_backend
+        settings = plugin_settings(getattr(config, "extra_config", None))
+        self.durability = settings.pop("durability", None)
+        try:
+            self.client = Client(**{k: v for k, v in settings.items() if v not in (None, "")})
+        except errors.KVStoreError as exc:
+            log.error("kvstore LMCache plugin: bad settings (%s): every lookup will miss", exc)
+            raise
+        self.failures = 0
+        self._reported: dict[str, float] = {}
+        log.info(
+            "kvstore LMCache plugin: %s, namespace %s/%s, chunk metadata %s",
+            ",".join(self.client.config.endpoints), self.client.config.tenant, self.client.config.subtenant,
+            "stored" if self.save_chunk_meta else "not stored",
+        )
+
+    # -- keys, values and failures ---------------------------------------------
+
+    @staticmethod
+    def _key(key) -> bytes:
+        return key.to_string().encode()
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self._reported.get(what, -3600.0) >= 60.0:
+            self._reported[what] = now
+            log.error("kvstore LMCache plugin: %s failed (LMCache sees a miss): %s", what, exc)
+
+    def _encode(self, obj: MemoryObj):
+        payload = obj.byte_array.cast("B")[: obj.get_size()]
+        if not self.save_chunk_meta:
+            return payload
+        header = RemoteMetadata(len(payload), obj.get_shapes(), obj.get_dtypes(), obj.get_memory_format())
+        return header.serialize() + payload
+
+    def _decode(self, value: bytes) -> MemoryObj | None:
+        """A MemoryObj from LMCache's allocator holding ``value`` (None: no room now)."""
+        view = memoryview(value)
+        if self.save_chunk_meta:
+            meta = RemoteMetadata.deserialize(view[: self.remote_metadata_bytes])
+            payload = view[self.remote_metadata_bytes :]
+            if meta.length != len(payload):
+                raise errors.DataCorruptionError(f"chunk header says {meta.length} bytes, {len(payload)} stored")
+            obj = self.local_cpu_backend.allocate(meta.shapes, meta.dtypes, meta.fmt, busy_loop=False)
+        else:
+            payload = view
+            obj = self.local_cpu_backend.allocate(self.meta_shapes, self.meta_dtypes, self.meta_fmt, busy_loop=False)
+        if obj is None:
+            return None
+        try:
+            obj.byte_array.cast("B")[: len(payload)] = payload
+            if not self.save_chunk_meta and len(payload) < self.full_chunk_size_bytes:
+                obj = self.reshape_partial_chunk(obj, len(payload))
+        except BaseException:
+            obj.ref_count_down()
+            raise
+        return obj
+
+    # -- RemoteConnector ------------------------------------------------------------
+
+    async def exists(self, key) -> bool:
+        try:
+            return (await self.client.exists([self._key(key)]))[0]
+        except errors.KVStoreError as exc:
+            self._failed("exists", exc)
+            return False
+
+    def exists_sync(self, key) -> bool:
+        return asyncio.run_coroutine_threadsafe(self.exists(key), self.loop).result(SYNC_TIMEOUT)
+
+    async def get(self, key) -> MemoryObj | None:
+        try:
+            value = await self.client.get(self._key(key))
+            return None if value is None else self._decode(value)
+        except errors.KVStoreError as exc:
+            self._failed("get", exc)
+            return None
+
+    async def put(self, key, memory_obj: MemoryObj) -> None:
+        # LMCache holds a reference for the put and drops it when this returns.
+        try:
+            await self.client.put(self._key(key), self._encode(memory_obj), durability=self.durability)
+        except errors.KVStoreError as exc:
+            self._failed("put", exc)
+
+    def support_batched_get(self) -> bool:
+        return True
+
+    async def batched_get(self, keys) -> list[MemoryObj | None]:
+        try:
+            values = await self.client.get_many([self._key(k) for k in keys])
+        except errors.KVStoreError as exc:
+            self._failed("get", exc)
+            return [None] * len(keys)
+        return [None if v is None else self._decode(v) for v in values]
+
+    def support_batched_put(self) -> bool:
+        return True
+
+    async def batched_put(self, keys, memory_objs) -> None:
+        try:
+            await self.client.put_many(
+                [(self._key(k), self._encode(o)) for k, o in zip(keys, memory_objs)], durability=self.durability
+            )
+        except errors.KVStoreError as exc:
+            self._failed("put", exc)
+
+    def support_batched_contains(self) -> bool:
+        return True
+
+    def batched_contains(self, keys) -> int:
+        """How many leading keys are stored (called from the engine's thread)."""
+        future = asyncio.run_coroutine_threadsafe(self.batched_async_contains("", keys), self.loop)
+        try:
+            return future.result(SYNC_TIMEOUT)
+        except TimeoutError as exc:
+            future.cancel()
+            self._failed("lookup", exc)
+            return 0
+
+    async def batched_async_contains(self, lookup_id: str, keys, pin: bool = False) -> int:
+        try:
+            return await self.client.lookup_prefix([self._key(k) for k in keys])
+        except errors.KVStoreError as exc:
+            self._failed("lookup", exc)
+            return 0
+
+    def support_ping(self) -> bool:
+        return True
+
+    async def ping(self) -> int:
+        try:
+            await self.client.stat()
+        except errors.KVStoreError as exc:
+            self._failed("ping", exc)
+            return 1
+        return 0
+
+    async def list(self) -> list[str]:
+        return [key.decode(errors="replace") for key, _ in await self.client.list()]
+
+    async def close(self) -> None:
+        await self.client.close()
