@@ -188,7 +188,7 @@ class Daemon:
         )
         admin = AdminService(
             self.store, config, self.metrics, self.dataplane, self.cluster, self.membership, self.guard,
-            self.rebalancer.snapshot, replicate=self.auth_sync.exchange,
+            self.rebalancer.snapshot, replicate=self.auth_sync.replicate,
         )
         self._handlers = (data_handler, cluster.handler().protect(self.guard), admin.handler().protect(self.guard))
         self._register(self.server)

@@ -116,8 +116,20 @@ class AuthSync:
             self._wake.clear()
             await self.exchange()
 
-    async def exchange(self, timeout: float | None = None) -> int:
-        """One exchange with every other member (and etcd); returns how many members answered."""
+    async def replicate(self) -> int:
+        """Hand a change made here to every member before the change is answered.
+
+        Waits up to 2 s (twice the peers' longest reconnect backoff) for a member
+        whose channel is reconnecting, as it is for a while after that member
+        started: failing fast there would leave a token just created unknown to a
+        daemon that is up. A member that is down costs those 2 s and catches up
+        at its next exchange."""
+        return await self.exchange(timeout=2.0, wait=True)
+
+    async def exchange(self, timeout: float | None = None, *, wait: bool = False) -> int:
+        """One exchange with every other member (and etcd); returns how many members answered.
+
+        ``wait`` waits for members that cannot be reached yet instead of skipping them."""
         if self.store is not None:
             try:
                 await self._to_etcd()
@@ -127,7 +139,7 @@ class AuthSync:
         if not others:
             return 0
         request = pb.SyncAuthRequest(records=to_records(self.table))
-        replies = await asyncio.gather(*(self._one(m, request, timeout or self.timeout) for m in others))
+        replies = await asyncio.gather(*(self._one(m, request, timeout or self.timeout, wait) for m in others))
         answered = 0
         for reply in replies:
             if reply is not None:
@@ -135,9 +147,9 @@ class AuthSync:
                 self.table.merge(from_records(reply.records))
         return answered
 
-    async def _one(self, member, request, timeout: float) -> pb.SyncAuthResponse | None:
+    async def _one(self, member, request, timeout: float, wait: bool) -> pb.SyncAuthResponse | None:
         try:
-            return await self.peers.admin(member.address).SyncAuth(request, timeout=timeout)
+            return await self.peers.admin(member.address).SyncAuth(request, timeout=timeout, wait_for_ready=wait)
         except grpc.RpcError as exc:
             log.debug("table sync with %s failed: %s", member.node_id, exc.code().name)
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from kvstore import errors
 from kvstore._proto.v1 import data_pb2 as pb
 from kvstore.client import Client, SyncClient
+from kvstore.harness.ports import free_port
 from kvstore.protocol import metadata
 from kvstore.protocol.codes import ErrorCode
 from kvstore.protocol.status import error_from_rpc
@@ -226,3 +228,32 @@ def test_the_cli_bootstraps_a_tenant(secured):
     assert dropped.returncode == 0 and b"1 blocks" in dropped.stdout, dropped.stderr
     gone = kvstore_cli(*e, "--token", rw, "--tenant", "acme", "--subtenant", "a", "get", "k")
     assert gone.returncode == 2 and b"does not exist" in gone.stderr
+
+
+def test_a_token_made_as_a_member_comes_back_works_there_at_once(tmp_path):
+    """The daemon that creates a token hands it to every member before answering,
+    also to one whose channel is still in reconnect backoff because it was down a
+    moment ago (a fail-fast call there left the token unknown on a daemon that was up)."""
+    ports = [free_port(), free_port()]
+    peers = ",".join(f"n{i}=127.0.0.1:{p}" for i, p in enumerate(ports))
+    common = dict(auth="token", admin_token=ADMIN, peers=peers, replicas=2, local_channel=False, memory=64 << 20)
+    a = ThreadedDaemon(tmp_path / "a", listen=f"127.0.0.1:{ports[0]}", node_id="n0", **common)
+    try:
+        with admin_client(a) as admin:
+            admin.create_namespace("acme", "a")
+            for _ in range(2):
+                # n1 down for 2 s while n0 keeps trying: n0's reconnect backoff grows to its 1 s cap.
+                until = time.monotonic() + 2.0
+                while time.monotonic() < until:
+                    assert a._call(a.daemon.auth_sync.exchange()) == 0, "n1 is down: nobody answers"
+                    time.sleep(0.05)
+                b = ThreadedDaemon(tmp_path / "b", listen=f"127.0.0.1:{ports[1]}", node_id="n1", **common)
+                try:
+                    token = admin.create_token("acme", "a")["token"]
+                    with SyncClient(b.address, token=token, tenant="acme", subtenant="a", transport="inline") as c:
+                        c.put(b"k", b"made on n0")
+                        assert c.get(b"k") == b"made on n0"
+                finally:
+                    b.stop()
+    finally:
+        a.stop()
