@@ -13,48 +13,23 @@ on every run), then ``pip check``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kvstore.harness.daemon import DaemonProcess
+from tests.engines.envs import engine_env, engine_python, run
 
-ROOT = Path(__file__).resolve().parents[2]
-VENVS = Path(os.environ.get("KVSTORE_ENGINE_VENVS") or Path.home() / ".cache" / "kvstore" / "engines")
-VENV = VENVS / "lmcache"
 LMCACHE = "lmcache==0.5.6"
 DRIVER = Path(__file__).with_name("lmcache_driver.py")
 
 pytestmark = [pytest.mark.engines, pytest.mark.timeout(1800)]
 
 
-def run(*command: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    # Not from the source tree: its kvstore/ would shadow the installed package.
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=VENVS)
-
-
 @pytest.fixture(scope="module")
 def lmcache_python() -> Path:
-    python = VENV / "bin" / "python"
-    stamp = VENV / ".lmcache-installed"
-    if not stamp.exists() or stamp.read_text() != LMCACHE:
-        VENVS.mkdir(parents=True, exist_ok=True)
-        run(sys.executable, "-m", "venv", "--clear", str(VENV))
-        installed = run(str(python), "-m", "pip", "install", "--quiet", LMCACHE)
-        if installed.returncode != 0:
-            pytest.skip(f"{LMCACHE} does not install here: {installed.stderr[-500:]}")
-        stamp.write_text(LMCACHE)
-    # kvstore after LMCache, the SDK alone (its dependencies the first time), then this
-    # tree's code; built outside the source tree's own build dir.
-    build = ("-C", f"build-dir={VENV / 'kvstore-build'}")
-    for extra in ((), ("--force-reinstall", "--no-deps")):
-        kvstore = run(str(python), "-m", "pip", "install", "--quiet", *extra, *build, str(ROOT))
-        assert kvstore.returncode == 0, kvstore.stderr[-3000:]
-    check = run(str(python), "-m", "pip", "check")
-    assert check.returncode == 0, f"pip check after installing kvstore beside LMCache:\n{check.stdout}{check.stderr}"
+    python = engine_python("lmcache", [LMCACHE])
     versions = run(str(python), "-c", "import grpc, google.protobuf, lmcache, kvstore.client; print(grpc.__version__)")
     assert versions.returncode == 0, versions.stderr
     assert versions.stdout.split()[0] == "1.78.0"  # LMCache's pin (through grpcio-observability), left alone
@@ -67,7 +42,7 @@ def test_lmcache_stores_and_loads_through_the_plugin(lmcache_python, tmp_path, s
     driver = subprocess.Popen(
         [str(lmcache_python), str(DRIVER), daemon.address, "1" if save_chunk_meta else "0"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path,
+        env=engine_env(), cwd=tmp_path,
     )
     try:
         phases = [json.loads(driver.stdout.readline()) for _ in range(2)]
