@@ -22,8 +22,11 @@ chunk hash, dtype and the request's ``lmcache.tag.*`` tags, so chunks of two
 models, ranks or tags never meet; tenant and subtenant keep deployments apart.
 With ``save_chunk_meta`` (LMCache's default) the stored value is LMCache's own
 ``RemoteMetadata`` header then the payload, so LMCache's other backends could read
-it; without it, the payload alone. A prefix lookup is one ``lookup_prefix`` (one
-RPC per owner node). LMCache swallows every exception of a plugin into a miss, so
+it; without it, the payload alone, and then LMCache's CPU pool is registered
+once with the SDK and chunks move zero-copy: puts are ``put_from`` the chunk's
+place in the pool, gets ``get_into`` a chunk allocated there (``zero_copy_puts``,
+``zero_copy_gets`` count them; a chunk outside the pool is copied). A prefix
+lookup is one ``lookup_prefix`` (one RPC per owner node). LMCache swallows every exception of a plugin into a miss, so
 this one logs the first failure of each kind at ERROR (then at most once a
 minute) and counts them in ``failures``.
 """
@@ -73,12 +76,33 @@ class KVStoreConnector(RemoteConnector):
             log.error("kvstore LMCache plugin: bad settings (%s): every lookup will miss", exc)
             raise
         self.failures = 0
+        self.zero_copy_puts = 0
+        self.zero_copy_gets = 0
         self._reported: dict[str, float] = {}
+        # With the header, a value is header + payload and cannot be moved from the pool as it lies.
+        self.pool = None if self.save_chunk_meta else self._register_pool()
         log.info(
-            "kvstore LMCache plugin: %s, namespace %s/%s, chunk metadata %s",
+            "kvstore LMCache plugin: %s, namespace %s/%s, chunk metadata %s, %s",
             ",".join(self.client.config.endpoints), self.client.config.tenant, self.client.config.subtenant,
             "stored" if self.save_chunk_meta else "not stored",
+            f"CPU pool of {self.pool.length} bytes registered" if self.pool else "chunks copied",
         )
+
+    def _register_pool(self):
+        """LMCache's pinned CPU pool registered with the SDK (None: no pool found, copy)."""
+        allocator = getattr(self.local_cpu_backend, "memory_allocator", None)
+        for name in ("buffer", "cpu_buffer"):  # MixedMemoryAllocator, PagedCpuGpuMemoryAllocator
+            pool = getattr(allocator, name, None)
+            if pool is not None and getattr(pool, "device", None) is not None and pool.device.type == "cpu" and pool.numel():
+                return self.client.register_ptr(pool.data_ptr(), pool.numel() * pool.element_size())
+        return None
+
+    def _in_pool(self, obj: MemoryObj) -> int | None:
+        """The chunk's offset in the registered pool, None when it lies elsewhere."""
+        if self.pool is None:
+            return None
+        offset = obj.data_ptr - self.pool.address
+        return offset if 0 <= offset and offset + obj.get_size() <= self.pool.length else None
 
     # -- keys, values and failures ---------------------------------------------
 
@@ -136,39 +160,73 @@ class KVStoreConnector(RemoteConnector):
         return asyncio.run_coroutine_threadsafe(self.exists(key), self.loop).result(SYNC_TIMEOUT)
 
     async def get(self, key) -> MemoryObj | None:
-        try:
-            value = await self.client.get(self._key(key))
-            return None if value is None else self._decode(value)
-        except errors.KVStoreError as exc:
-            self._failed("get", exc)
-            return None
+        return (await self.batched_get([key]))[0]
 
     async def put(self, key, memory_obj: MemoryObj) -> None:
-        # LMCache holds a reference for the put and drops it when this returns.
-        try:
-            await self.client.put(self._key(key), self._encode(memory_obj), durability=self.durability)
-        except errors.KVStoreError as exc:
-            self._failed("put", exc)
+        await self.batched_put([key], [memory_obj])
 
     def support_batched_get(self) -> bool:
         return True
 
     async def batched_get(self, keys) -> list[MemoryObj | None]:
         try:
+            if self.pool is not None:
+                return await self._get_into_pool(keys)
             values = await self.client.get_many([self._key(k) for k in keys])
         except errors.KVStoreError as exc:
             self._failed("get", exc)
             return [None] * len(keys)
         return [None if v is None else self._decode(v) for v in values]
 
+    async def _get_into_pool(self, keys) -> list[MemoryObj | None]:
+        """Full-chunk slots from LMCache's allocator, filled by the daemon in place."""
+        objs = [self.local_cpu_backend.allocate(self.meta_shapes, self.meta_dtypes, self.meta_fmt, busy_loop=False) for _ in keys]
+        results: list[MemoryObj | None] = [None] * len(keys)
+        try:
+            placed = [(i, o, self._in_pool(o)) for i, o in enumerate(objs) if o is not None]
+            pooled = [(i, o, offset) for i, o, offset in placed if offset is not None]
+            if pooled:
+                sizes = await self.client.get_into(
+                    [self._key(keys[i]) for i, _, _ in pooled], self.pool,
+                    [offset for _, _, offset in pooled], [o.get_size() for _, o, _ in pooled],
+                )
+                for (i, obj, _), size in zip(pooled, sizes):
+                    if size is None:
+                        continue
+                    try:
+                        results[i] = obj if size == self.full_chunk_size_bytes else self.reshape_partial_chunk(obj, size)
+                    except ValueError as exc:  # not a whole number of tokens: not a chunk of this model
+                        self._failed("get", errors.DataCorruptionError(f"stored chunk of {size} bytes: {exc}"))
+                        continue
+                    self.zero_copy_gets += 1
+            for i, obj, offset in placed:
+                if offset is None:  # outside the pool (LMCache fell back to another allocator): copy
+                    value = await self.client.get(self._key(keys[i]))
+                    results[i] = None if value is None else self._decode(value)
+        finally:
+            for obj, result in zip(objs, results):
+                if obj is not None and result is None:
+                    obj.ref_count_down()
+        return results
+
     def support_batched_put(self) -> bool:
         return True
 
     async def batched_put(self, keys, memory_objs) -> None:
+        # LMCache holds a reference on each chunk for the put and drops it when this returns.
         try:
-            await self.client.put_many(
-                [(self._key(k), self._encode(o)) for k, o in zip(keys, memory_objs)], durability=self.durability
-            )
+            pooled, copied = [], []
+            for key, obj in zip(keys, memory_objs):
+                offset = self._in_pool(obj)
+                (copied if offset is None else pooled).append((self._key(key), obj, offset))
+            if pooled:
+                await self.client.put_from(
+                    [k for k, _, _ in pooled], self.pool, [offset for _, _, offset in pooled],
+                    [o.get_size() for _, o, _ in pooled], durability=self.durability,
+                )
+                self.zero_copy_puts += len(pooled)
+            if copied:
+                await self.client.put_many([(k, self._encode(o)) for k, o, _ in copied], durability=self.durability)
         except errors.KVStoreError as exc:
             self._failed("put", exc)
 
@@ -207,4 +265,6 @@ class KVStoreConnector(RemoteConnector):
         return [key.decode(errors="replace") for key, _ in await self.client.list()]
 
     async def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         await self.client.close()

@@ -2,10 +2,11 @@
 LMCache's own storage path (CreateStorageBackends / StorageManager, real MemoryObj
 from its allocator, on CPU) driving kvstore through the plugin, by configuration only.
 
-    python lmcache_driver.py ENDPOINT SAVE_CHUNK_META
+    python lmcache_driver.py ENDPOINTS SAVE_CHUNK_META
 
-Prints one JSON line per phase; after phase "live" it waits for a line on stdin
-(the test kills the daemon meanwhile) and then runs phase "dead"."""
+Prints one JSON line per "live" phase (chunks of 128 KiB, 16 MiB and 80 MiB);
+then it waits for a line on stdin (the test kills a daemon meanwhile) and runs
+phase "after_kill" on what the first phase stored."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.metadata import LMCacheMetadata
 from lmcache.v1.storage_backend import CreateStorageBackends
 
-endpoint, save_meta = sys.argv[1], sys.argv[2] == "1"
+endpoints, save_meta = sys.argv[1], sys.argv[2] == "1"
 PLUGIN = "kvstore"
 # One storage loop for the process, as LMCache runs one (grpc.aio serves one event loop per process).
 LOOP = asyncio.new_event_loop()
@@ -33,7 +34,7 @@ def engine(kv_shape, chunk: int, tag: str):
     extra = {
         f"remote_storage_plugin.{PLUGIN}.module_path": "kvstore.client.connectors.lmcache",
         f"remote_storage_plugin.{PLUGIN}.class_name": "KVStoreConnector",
-        f"remote_storage_plugin.{PLUGIN}.endpoints": endpoint,
+        f"remote_storage_plugin.{PLUGIN}.endpoints": endpoints,
         f"remote_storage_plugin.{PLUGIN}.tenant": "lmcache-test",
         f"remote_storage_plugin.{PLUGIN}.subtenant": tag,
         f"remote_storage_plugin.{PLUGIN}.attempt_timeout": 2.0,
@@ -41,7 +42,7 @@ def engine(kv_shape, chunk: int, tag: str):
         "save_chunk_meta": save_meta,
     }
     config = LMCacheEngineConfig.from_defaults(
-        chunk_size=chunk, local_cpu=False, max_local_cpu_size=0.6, remote_serde="naive",
+        chunk_size=chunk, local_cpu=False, max_local_cpu_size=1.0, remote_serde="naive",
         remote_storage_plugins=[PLUGIN], extra_config=extra, lmcache_instance_id=f"t-{tag}",
     )
     metadata = LMCacheMetadata(
@@ -70,6 +71,7 @@ def chunks(metadata, cpu, n: int, seed: int):
 def phase_live(tag: str, kv_shape, chunk: int, n: int) -> dict:
     metadata, remote, cpu, loop = engine(kv_shape, chunk, tag)
     connector = remote.connection.getWrappedConnector()
+    moved = connector.zero_copy_puts, connector.zero_copy_gets
     objs = chunks(metadata, cpu, n, seed=n)
     keys = [key(i) for i in range(n)]
     started = time.perf_counter()
@@ -89,23 +91,31 @@ def phase_live(tag: str, kv_shape, chunk: int, n: int) -> dict:
         "exact": exact, "single_exact": single is not None and torch.equal(single.tensor, objs[0].tensor),
         "missing": remote.get_blocking(key(10_000)) is None, "put_seconds": put_seconds,
         "failures": connector.failures, "ping": asyncio.run_coroutine_threadsafe(connector.ping(), loop).result(30),
+        "pool": connector.pool is not None and connector.pool.zero_copy,
+        "zero_copy_puts": connector.zero_copy_puts - moved[0], "zero_copy_gets": connector.zero_copy_gets - moved[1],
     }
+    tensors = [o.tensor.clone() for o in objs]
     for obj in [*(g for g in got if g is not None), *([single] if single else []), *objs]:
         obj.ref_count_down()
-    return result, (metadata, remote, cpu, loop, connector, keys)
+    return result, (metadata, remote, cpu, loop, connector, keys, tensors)
 
 
-def phase_dead(state) -> dict:
-    metadata, remote, cpu, loop, connector, keys = state
+def phase_after_kill(state) -> dict:
+    """What LMCache sees once a daemon is gone: hits (a cluster with replicas) or misses, never an exception."""
+    metadata, remote, cpu, loop, connector, keys, tensors = state
     started = time.perf_counter()
     contains = remote.batched_contains(keys)
-    got = remote.batched_get_blocking(keys[:2])
+    got = remote.batched_get_blocking(keys)
+    exact = [g is not None and torch.equal(g.tensor, t) for g, t in zip(got, tensors)]
     fresh = chunks(metadata, cpu, 1, seed=7)
-    remote.batched_submit_put_task(keys[:1], fresh)
+    remote.batched_submit_put_task([key(20_000)], fresh)
     time.sleep(0.5)
     fresh[0].ref_count_down()
+    for obj in got:
+        if obj is not None:
+            obj.ref_count_down()
     return {
-        "phase": "dead", "contains": contains, "got": [g is None for g in got],
+        "phase": "after_kill", "contains": contains, "got": [g is not None for g in got], "exact": exact,
         "seconds": time.perf_counter() - started, "failures": connector.failures,
     }
 
@@ -114,5 +124,7 @@ small, state = phase_live("small", (4, 2, 16, 8, 64), 16, 8)  # 128 KiB chunks
 print(json.dumps(small), flush=True)
 big, _ = phase_live("big", (32, 2, 256, 8, 64), 256, 3)  # 16 MiB chunks
 print(json.dumps(big), flush=True)
-sys.stdin.readline()  # the test kills the daemon now
-print(json.dumps(phase_dead(state)), flush=True)
+huge, _ = phase_live("huge", (80, 2, 256, 8, 128), 256, 2)  # 80 MiB chunks (80 layers, 8 KV heads of 128)
+print(json.dumps(huge), flush=True)
+sys.stdin.readline()  # the test kills a daemon now
+print(json.dumps(phase_after_kill(state)), flush=True)
