@@ -1,5 +1,5 @@
 """Peer systems measured next to kvstore in the same run: Redis, Mooncake Store and
-LMCache's ``lm://`` server (when installed).
+LMCache's ``lm://`` server (from LMCache's own environment).
 
 Each peer is a context manager that starts its own server processes on free
 127.0.0.1 ports and stops them on exit, and moves batches of blocks with

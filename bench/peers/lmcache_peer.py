@@ -1,27 +1,33 @@
 """LMCache's ``lm://`` server as a peer: ``python -m lmcache.v1.server 127.0.0.1 PORT cpu``.
 
 The server is LMCache's reference remote backend: a thread per connection
-reading a fixed-size ``ClientMetaMessage`` header (command, length, format,
-dtype, shape, key) and then the value. A batch here is pipelined on one
-connection: every PUT header and value, then one HEALTH round trip (the server
-answers commands of a connection in order, so its reply means every PUT before
-it was stored); every GET header, then each reply header and value read with
-``recv_into`` straight into the caller's buffer.
+reading a fixed-size request header and then the value. It runs from LMCache's
+own environment (``$KVSTORE_LMCACHE_PYTHON``, else the one the engine tests
+build under ``$KVSTORE_ENGINE_VENVS``/``~/.cache/kvstore/engines``): LMCache pins
+numpy, prometheus_client and grpcio below the bench's and pulls torch, so it does
+not go into the bench's environment. The bench's side speaks the wire layout of
+LMCache 0.5.6's ``lmcache.v1.protocol`` itself (it needs nothing of LMCache):
 
-LMCache is not in the bench's environment (see README.md beside this file): it
-pulls torch and the CUDA Python stack even on a CPU-only host and pins numpy,
-prometheus_client and setuptools below the bench's. So this peer is normally
-reported as skipped; it was written against LMCache's v1 protocol
-module and is untested here. It uses LMCache's own message classes, so their
-layout follows the installed version.
+- request (``ClientMetaMessage``): nine little-endian int32 (command, length,
+  memory format, dtype, location, shape[4]) and the key string padded to 150
+  bytes with spaces; a PUT is followed by ``length`` value bytes.
+- reply (``ServerMetaMessage``): nine int32 (code 200/400, length, format, dtype,
+  location, shape[4]); a successful GET is followed by ``length`` bytes.
+
+A batch is pipelined on one connection: every PUT header and value, then one
+HEALTH round trip (the server answers a connection's commands in order, so its
+reply means every PUT before it was stored); every GET header, then each reply
+header and value read with ``recv_into`` straight into the caller's buffer.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import os
 import socket
 import struct
-import sys
+import subprocess
+from pathlib import Path
 from typing import Sequence
 
 from bench.peers import Peer, PeerError
@@ -30,10 +36,36 @@ from kvstore.harness.ports import free_port
 from kvstore.harness.process import ServerProcess
 
 HOST = "127.0.0.1"
-WHY_NOT_INSTALLED = (
-    "lmcache is not in the bench's environment: lmcache 0.5.6 pins numpy<=2.2.6, prometheus_client<=0.24.1 "
-    "and setuptools<81, and requires torch, cupy-cuda13x, cuda-python>=13 and more even on a CPU-only host"
+REQUEST = struct.Struct("<9i150s")
+REPLY = struct.Struct("<9i")
+PUT, GET, EXIST, LIST, HEALTH = 1, 2, 3, 4, 5
+SUCCESS = 200
+BINARY, UINT8 = 4, 6  # MemoryFormat.BINARY, the dtype code of torch.uint8
+ENGINE_VENVS = Path(os.environ.get("KVSTORE_ENGINE_VENVS") or Path.home() / ".cache" / "kvstore" / "engines")
+HOW_TO_GET_ONE = (
+    "set KVSTORE_LMCACHE_PYTHON to the python of an environment with lmcache 0.5.6 "
+    "(python -m venv /opt/lmcache && /opt/lmcache/bin/pip install lmcache==0.5.6), "
+    "or run the engine tests once (make test), which build one"
 )
+
+
+def lmcache_python() -> Path | None:
+    """The python of an environment where LMCache is installed, if there is one."""
+    configured = os.environ.get("KVSTORE_LMCACHE_PYTHON")
+    if configured:
+        return Path(configured)
+    for name in ("lmcache-lmcache-first", "lmcache-kvstore-first"):
+        candidate = ENGINE_VENVS / name / "bin" / "python"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def request(command: int, key: bytes, length: int) -> bytes:
+    """A request header; the key is an LMCache chunk key (model@world@worker@hash@dtype)."""
+    digest = hashlib.blake2b(key, digest_size=8).hexdigest()
+    name = f"kvstore-bench@1@0@{digest}@uint8".encode().ljust(150)  # space-padded, as LMCache pads it
+    return REQUEST.pack(command, length, BINARY, UINT8, 0, length, 0, 0, 0, name)
 
 
 class LMCachePeer(Peer):
@@ -47,38 +79,39 @@ class LMCachePeer(Peer):
         self._sock: socket.socket | None = None
         self.max_clients = None
 
+    version = "?"
+
     @staticmethod
     def display_name(mode: str = "") -> str:
         return "lmcache (lm://)"
 
     @classmethod
     def unavailable(cls) -> str | None:
-        try:
-            import lmcache  # noqa: F401
-            from lmcache.v1.protocol import ClientMetaMessage, Constants, ServerMetaMessage  # noqa: F401
-        except ImportError as exc:
-            return f"lmcache is not installed ({exc}). {WHY_NOT_INSTALLED}"
-        except Exception as exc:  # installed but broken (a torch or CUDA import failing)
-            return f"lmcache does not import ({type(exc).__name__}: {exc})"
+        python = lmcache_python()
+        if python is None:
+            return f"no environment with lmcache found: {HOW_TO_GET_ONE}"
+        found = subprocess.run(
+            [str(python), "-c", "import importlib.metadata as m, lmcache.v1.server; print(m.version('lmcache'))"],
+            capture_output=True, text=True, timeout=120, cwd=python.parent,
+        )
+        if found.returncode != 0:
+            return f"lmcache does not import in {python}: {found.stderr.strip()[-300:]}"
+        cls.version = found.stdout.strip().splitlines()[-1]
         return None
 
     # -- lifetime ----------------------------------------------------------
     def start(self) -> "LMCachePeer":
-        reason = self.unavailable()
-        if reason:
-            raise PeerError(reason)
-        from lmcache.v1.memory_management import MemoryFormat
-        from lmcache.v1.protocol import ClientMetaMessage, Constants, ServerMetaMessage
-        import torch
-
-        self._msg, self._const, self._reply = ClientMetaMessage, Constants, ServerMetaMessage
-        self._fmt, self._torch = MemoryFormat(1), torch
         if self._attach is None:
+            reason = self.unavailable()
+            if reason:
+                raise PeerError(reason)
+            python = lmcache_python()
             for _ in range(5):
                 self.port = free_port()
-                argv = [sys.executable, "-m", "lmcache.v1.server", HOST, str(self.port), "cpu"]
-                self._server = ServerProcess("lmcache", argv, die_with_parent=True).start()
-                if wait_for_port(HOST, self.port, 60, self._server):
+                argv = [str(python), "-m", "lmcache.v1.server", HOST, str(self.port), "cpu"]
+                env = {**os.environ, "PYTHONPATH": ""}  # LMCache's packages only, not the bench's tree
+                self._server = ServerProcess("lmcache", argv, die_with_parent=True, env=env, cwd=str(python.parent)).start()
+                if wait_for_port(HOST, self.port, 120, self._server):
                     break
                 self._server.stop(5)
             else:
@@ -100,27 +133,6 @@ class LMCachePeer(Peer):
         return {"kind": "lmcache", "port": self.port}
 
     # -- protocol ------------------------------------------------------------
-    def _key(self, key: bytes):
-        """A CacheEngineKey unique to ``key``; its fields differ between LMCache versions."""
-        from lmcache.utils import CacheEngineKey
-
-        digest = int.from_bytes(__import__("hashlib").blake2b(key, digest_size=8).digest(), "little")
-        known = {
-            "fmt": "vllm", "model_name": "kvstore-bench", "world_size": 1, "worker_id": 0,
-            "chunk_hash": digest, "dtype": self._torch.uint8, "request_configs": None,
-        }
-        values = {}
-        for f in dataclasses.fields(CacheEngineKey):
-            if f.name in known:
-                values[f.name] = known[f.name]
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise PeerError(f"{self.name}: unsupported lmcache version (CacheEngineKey field {f.name!r})")
-        return CacheEngineKey(**values)
-
-    def _header(self, command: int, key: bytes, length: int) -> bytes:
-        shape = self._torch.Size([length, 0, 0, 0])
-        return self._msg(command, self._key(key), length, self._fmt, self._torch.uint8, shape).serialize()
-
     def _recv_into(self, view: memoryview) -> None:
         filled = 0
         while filled < len(view):
@@ -130,30 +142,30 @@ class LMCachePeer(Peer):
             filled += n
 
     def _reply_code(self) -> tuple[int, int]:
-        header = bytearray(self._reply.packlength())
+        header = bytearray(REPLY.size)
         self._recv_into(memoryview(header))
-        return struct.unpack_from("ii", header)  # code and length lead in every version
+        return REPLY.unpack(header)[:2]
 
     def _health(self) -> None:
-        self._sock.sendall(self._header(self._const.CLIENT_HEALTH, b"health", 0))
+        self._sock.sendall(request(HEALTH, b"health", 0))
         code, _ = self._reply_code()
-        if code != self._const.SERVER_SUCCESS:
+        if code != SUCCESS:
             raise PeerError(f"{self.name}: health check answered {code}")
 
     # -- data --------------------------------------------------------------
     def put_batch(self, keys: Sequence[bytes], values: Sequence[memoryview | bytes]) -> None:
         for key, value in zip(keys, values):
             n = memoryview(value).nbytes
-            self._sock.sendall(self._header(self._const.CLIENT_PUT, key, n))
+            self._sock.sendall(request(PUT, key, n))
             self._sock.sendall(value)
         self._health()  # answered after every PUT before it on this connection
 
     def get_batch(self, keys: Sequence[bytes], out: Sequence[memoryview]) -> list[int]:
-        self._sock.sendall(b"".join(self._header(self._const.CLIENT_GET, key, 0) for key in keys))
+        self._sock.sendall(b"".join(request(GET, key, 0) for key in keys))
         sizes = []
         for dst in out:
             code, n = self._reply_code()
-            if code != self._const.SERVER_SUCCESS:
+            if code != SUCCESS:
                 sizes.append(-1)
                 continue
             if n > len(dst):
@@ -166,10 +178,8 @@ class LMCachePeer(Peer):
         """The protocol has no delete: keys are unique per case, so the store only grows."""
 
     def describe(self) -> str:
-        from importlib.metadata import version
-
         return (
-            f"{self.name}: lmcache {version('lmcache')} `python -m lmcache.v1.server` on {HOST}:{self.port} (cpu), "
+            f"{self.name}: lmcache {self.version} `python -m lmcache.v1.server` on {HOST}:{self.port} (cpu), "
             "one connection per client, pipelined PUT/GET headers per batch"
         )
 

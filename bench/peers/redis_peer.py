@@ -125,8 +125,8 @@ class RedisPeer(Peer):
         kwargs = dict(socket_timeout=300, socket_connect_timeout=10)
         if self.packer == "python":
             try:
-                from redis.connection import PythonRespSerializer
                 from redis._parsers.encoders import Encoder
+                from redis.connection import PythonRespSerializer
             except ImportError:  # another redis-py layout: keep its default packer
                 self.packer = "default"
             else:
