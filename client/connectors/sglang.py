@@ -62,7 +62,9 @@ log = logging.getLogger("kvstore.client.connectors.sglang")
 
 WHO = "kvstore SGLang backend"
 # Settings of the extra config handed to the SDK's Client (the rest falls back to KVSTORE_*).
-CLIENT_SETTINGS = tuple(s for s in SETTINGS if s != "durability") + ("ucx_tls", "tls", "tls_cert", "tls_key", "tls_server_name")
+CLIENT_SETTINGS = tuple(s for s in SETTINGS if s != "durability") + (
+    "local_channel", "ucx_tls", "tls", "tls_cert", "tls_key", "tls_server_name",
+)
 # Beyond the SDK's own deadline, how long an engine thread waits for the loop.
 SYNC_MARGIN = 5.0
 KEY_ROOT = "sglang"
@@ -399,10 +401,15 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.stats["get_misses"] += sum(v is None for v in out)
         return out
 
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+    def set(
+        self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None
+    ) -> bool:
         return self.batch_set([key], [value])
 
-    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+    def batch_set(
+        self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
+        target_sizes: Optional[Any] = None,
+    ) -> bool:
         """Flat page tensors (SGLang's ``get_data_page``) stored whole; True when all were."""
         if not keys or not self.parts or values is None:
             return False

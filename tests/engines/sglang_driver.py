@@ -43,7 +43,9 @@ def mha_pool(layout: str, layers: int, heads: int, head_dim: int, page: int, tok
         k=k, v=v, k_data_ptrs=torch.tensor([t.data_ptr() for t in k]), v_data_ptrs=torch.tensor([t.data_ptr() for t in v]),
         layout=KVBufferLayout.NHD,
     )
-    info = MHABufferInfo(buffers=buffers, page_size=page, head_num=heads, head_dim=head_dim, v_head_dim=head_dim, dtype=DTYPE, device=CPU)
+    info = MHABufferInfo(
+        buffers=buffers, page_size=page, head_num=heads, head_dim=head_dim, v_head_dim=head_dim, dtype=DTYPE, device=CPU
+    )
     return MHATokenToKVPoolHost(
         info, 2.0, 0, page, layout, pin_memory=False, device="cpu",
         device_capacity_tokens=tokens, start_layer=0, end_layer=layers,
@@ -151,7 +153,10 @@ def phase_layout(name: str, pool, mla: bool, n: int = 8) -> dict:
     flat_src = expected_flat = pages(pool, src)
     result["flat_set"] = flat.batch_set(keys, flat_src)
     targets = [pool.get_dummy_flat_data_page() for _ in keys]
-    result["flat_exact"] = [t is not None and torch.equal(t.view(torch.uint16), e.view(torch.uint16)) for t, e in zip(flat.batch_get(keys, targets), expected_flat)]
+    result["flat_exact"] = [
+        t is not None and torch.equal(t.view(torch.uint16), e.view(torch.uint16))
+        for t, e in zip(flat.batch_get(keys, targets), expected_flat)
+    ]
     result["flat_exists"] = flat.batch_exists(keys)
     result["flat_failures"] = flat.failures.count
     for s in (other_model, flat):
@@ -161,10 +166,10 @@ def phase_layout(name: str, pool, mla: bool, n: int = 8) -> dict:
     return result, storage
 
 
-def phase_costs(pool, mla: bool, n: int, durability: str, lookups: int = 64, rounds: int = 10) -> dict:
+def phase_costs(pool, mla: bool, n: int, durability: str, lookups: int = 64, rounds: int = 10, **settings) -> dict:
     """What SGLang's hot path costs: batch_exists of ``lookups`` pages, batch_set/get_v1 of ``n`` pages."""
     page = pool.page_size
-    storage = backend(pool, f"org/model-cost-{durability}", mla, skip_existing=False, durability=durability)
+    storage = backend(pool, f"org/model-cost-{durability}", mla, skip_existing=False, durability=durability, **settings)
     fill(pool, seed=3)
     indices = pool.alloc(n * page)
     keys = hashes(max(lookups, n), page, seed=11)
@@ -177,8 +182,10 @@ def phase_costs(pool, mla: bool, n: int, durability: str, lookups: int = 64, rou
     get_ms = p50_ms(lambda: storage.batch_get_v1(get_keys, indices), rounds)
     page_bytes = sum(storage.part_bytes)
     out = {
-        "layout": pool.layout, "mla": mla, "durability": durability, "page_bytes": page_bytes, "pages_per_call": n,
-        "lookup_pages": lookups, "lookup_hits": storage.batch_exists(keys[:lookups]), "lookup_p50_ms": lookup[0], "lookup_p99_ms": lookup[1],
+        "layout": pool.layout, "mla": mla, "durability": durability, "grpc": settings.get("local_channel") is False,
+        "page_bytes": page_bytes, "pages_per_call": n,
+        "lookup_pages": lookups, "lookup_hits": storage.batch_exists(keys[:lookups]),
+        "lookup_p50_ms": lookup[0], "lookup_p99_ms": lookup[1],
         "set_per_page_us": set_ms[0] * 1e3 / n, "get_per_page_us": get_ms[0] * 1e3 / n,
         "set_gbps": n * page_bytes / (set_ms[0] / 1e3) / 1e9, "get_gbps": n * page_bytes / (get_ms[0] / 1e3) / 1e9,
         "failures": storage.failures.count, "zero_copy_pages": storage.stats["zero_copy_pages"],
@@ -230,6 +237,7 @@ llama8b = mha_pool("page_first", 32, 8, 128, 64, 512)  # Llama-3-8B at TP 1: 8 M
 costs = [
     phase_costs(mha, False, 32, "disk"),
     phase_costs(mha, False, 32, "memory"),
+    phase_costs(mha, False, 32, "memory", local_channel=False),  # the path of a client on another host
     phase_costs(llama8b, False, 8, "disk", lookups=0, rounds=5),
     phase_costs(llama8b, False, 8, "memory", lookups=0, rounds=5),
     phase_costs(mla_pool("page_first", 4, 512, 64, P, 1024), True, 32, "memory"),

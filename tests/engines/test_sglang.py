@@ -80,7 +80,8 @@ def test_sglang_stores_and_loads_pages_through_the_dynamic_backend(sglang_python
         for row in costs["rows"]:
             lookup = f"{row['lookup_p50_ms']:.3f}/{row['lookup_p99_ms']:.3f}" if row["lookup_pages"] else "-"
             print(
-                f"  {'MLA' if row['mla'] else 'MHA'} {row['page_bytes']:>8} B {row['durability']:<6}: lookup {lookup};"
+                f"  {'MLA' if row['mla'] else 'MHA'} {row['page_bytes']:>8} B {row['durability']:<6}"
+                f"{' gRPC' if row['grpc'] else ' local'}: lookup {lookup};"
                 f" set {row['set_per_page_us']:.0f} us ({row['set_gbps']:.2f} GB/s);"
                 f" get {row['get_per_page_us']:.0f} us ({row['get_gbps']:.2f} GB/s)"
             )
