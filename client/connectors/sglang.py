@@ -205,6 +205,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         config = self.storage_config
         page_size = getattr(pool, "logical_page_size", None) or pool.page_size
         ptrs, sizes = pool.get_page_buffer_meta(torch.arange(page_size, dtype=torch.int64))
+        self._release_regions()  # attached again: the new pool's memory replaces the old
         for start, end in _pool_ranges(pool):
             region = self._loop.call(self.client.register_ptr, start, end - start)
             self.regions.append(region)
@@ -223,6 +224,11 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             WHO, type(pool).__name__, pool.layout, page_size, sum(self.part_bytes), len(self.parts),
             len(self.regions), sum(r.length for r in self.regions),
         )
+
+    def _release_regions(self) -> None:
+        regions, self.regions, self._starts, self._ends = self.regions, [], [], []
+        if regions:
+            self._loop.call(lambda: [r.close() for r in regions])
 
     def _locate(self, ptr: int, size: int, index: int) -> tuple[int, int]:
         i = bisect.bisect_right(self._starts, ptr) - 1

@@ -116,6 +116,7 @@ def p50_ms(fn, rounds: int) -> tuple[float, float]:
 def phase_layout(name: str, pool, mla: bool, n: int = 8) -> dict:
     page = pool.page_size
     storage = backend(pool, "org/model-a", mla, metrics=True)
+    storage.register_mem_pool_host(pool)  # attached again: the pool's memory is registered once, not twice
     keys = hashes(n, page, seed=1)
     src = pool.alloc(n * page)
     fill(pool, seed=len(name))
@@ -127,7 +128,7 @@ def phase_layout(name: str, pool, mla: bool, n: int = 8) -> dict:
     got = storage.batch_get_v1(keys, dst, info)
     result = {
         "phase": name, "type": type(storage).__name__, "page_bytes": sum(storage.part_bytes),
-        "blocks_per_page": len(storage.parts), "before": before, "stored": stored, "got": got,
+        "blocks_per_page": len(storage.parts), "regions": len(storage.regions), "before": before, "stored": stored, "got": got,
         "exact": exact(pool, expected, dst),
         "exists_all": storage.batch_exists(keys, info),
         "exists_gap": storage.batch_exists(keys[:3] + ["0" * 64] + keys[3:], info),

@@ -56,7 +56,7 @@ def test_sglang_stores_and_loads_pages_through_the_dynamic_backend(sglang_python
         assert all(phases), driver.stderr.read()[-5000:] if driver.poll() is not None else phases
         for phase, name in zip(phases, LAYOUTS):
             assert phase["phase"] == name and phase["type"] == "KVStoreHiCacheStorage", phase
-            assert phase["before"] == 0, phase
+            assert phase["before"] == 0 and phase["regions"] == 1, phase
             assert all(phase["stored"]) and all(phase["got"]) and all(phase["exact"]), phase
             assert phase["exists_all"] == 8 and phase["exists_gap"] == 3, phase
             assert phase["exists_one"] and not phase["exists_missing"] and phase["missing_get"] == [False], phase
