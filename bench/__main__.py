@@ -160,8 +160,8 @@ def run_sdk(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--peers: {exc}")
 
     no_zero_copy = _zero_copy_unavailable()
-    modes = ("inline",) if no_zero_copy else ("shm", "tcp", "inline")
-    disk_modes = ("inline",) if no_zero_copy else ("shm",)
+    modes = ("inline",) if no_zero_copy else ("shm", "engine", "tcp", "inline")
+    disk_modes = ("inline",) if no_zero_copy else ("shm", "engine")
     info = report.machine_info()
     owned_dir = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="kvstore-bench-") if owned_dir else args.data_dir)

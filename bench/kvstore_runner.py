@@ -8,6 +8,11 @@ The client paths (each a ``Client`` per bench client process, bench.workers):
                    shared memory the co-located daemon maps; it copies each block
                    between that memory and its arena with one memcpy; put_from /
                    get_into
+  zero-copy (engine memory)
+                   transport "ucx", ucx_tls "shm,tcp", buffers the caller allocated
+                   (numpy, as an engine's KV pool) and registered: the co-located
+                   daemon reads and writes them by RMA (UCX picks CMA); put_from /
+                   get_into
   zero-copy (tcp)  transport "ucx", ucx_tls "tcp": the same calls, every byte over
                    UCX's TCP transport (the daemon reaches this client over TCP only)
   inline           transport "inline": values inside the gRPC messages; put_many /
@@ -34,6 +39,7 @@ DAEMON_UCX_TLS = "shm,tcp"
 # mode -> (system name in the report, key tag)
 MODES = {
     "shm": ("kvstore zero-copy (shm)", "zcshm"),
+    "engine": ("kvstore zero-copy (engine memory)", "zceng"),
     "tcp": ("kvstore zero-copy (tcp)", "zctcp"),
     "inline": ("kvstore inline", "inline"),
 }

@@ -165,7 +165,9 @@ class KvstoreDriver(Driver):
     """The kvstore SDK: ``mode`` "shm" or "tcp" is the zero-copy path (transport "ucx",
     ``ucx_tls`` "shm,tcp" or "tcp") with ``put_from``/``get_into``: "shm" on memory the SDK
     allocated (``Client.allocate``: shared with the co-located daemon, which copies with
-    memcpy), "tcp" on registered numpy buffers (the daemon's RMA over UCX's TCP transport);
+    memcpy), "engine" on registered numpy buffers to the same co-located daemon (memory an
+    inference engine allocated itself: the daemon reaches it by RMA, UCX's CMA), "tcp" on
+    registered numpy buffers (the daemon's RMA over UCX's TCP transport);
     "inline" is transport "inline" with ``put_many``/``get_many`` (values in gRPC messages);
     "auto" is the SDK's default transport with ``put_from``/``get_into`` on memory from
     ``Client.allocate`` (registered numpy buffers without the native module).
@@ -174,7 +176,7 @@ class KvstoreDriver(Driver):
     ``spec["warm_batch"]`` the unmeasured warm-up is a whole batch, spread over every
     daemon of a cluster, so that each has mapped this client's memory before the timed calls."""
 
-    TLS = {"shm": "shm,tcp", "tcp": "tcp"}
+    TLS = {"shm": "shm,tcp", "engine": "shm,tcp", "tcp": "tcp"}
 
     def __init__(self, spec, worker):
         super().__init__(spec, worker)
