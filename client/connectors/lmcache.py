@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from lmcache.v1.memory_management import MemoryObj
@@ -44,11 +43,12 @@ from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 from kvstore import errors
 from kvstore.client.api import Client
+from kvstore.client.connectors import SETTINGS, client_settings
+from kvstore.client.connectors.failures import Failures
 
 log = logging.getLogger("kvstore.client.connectors.lmcache")
 
 PLUGIN = "kvstore"
-SETTINGS = ("endpoints", "tenant", "subtenant", "durability", "token", "timeout", "attempt_timeout", "transport")
 # LMCache waits on batched_contains and exists_sync with no deadline of its own.
 SYNC_TIMEOUT = 10.0
 
@@ -56,11 +56,7 @@ SYNC_TIMEOUT = 10.0
 def plugin_settings(extra_config: dict | None, name: str = PLUGIN) -> dict[str, Any]:
     """The ``remote_storage_plugin.<name>.*`` settings of LMCache's extra_config."""
     prefix = f"remote_storage_plugin.{name}."
-    found = {}
-    for key, value in (extra_config or {}).items():
-        if key.startswith(prefix) and key[len(prefix):] in SETTINGS:
-            found[key[len(prefix):]] = value
-    return found
+    return client_settings({k[len(prefix):]: v for k, v in (extra_config or {}).items() if k.startswith(prefix)}, SETTINGS)
 
 
 class KVStoreConnector(RemoteConnector):
@@ -71,14 +67,13 @@ class KVStoreConnector(RemoteConnector):
         settings = plugin_settings(getattr(config, "extra_config", None))
         self.durability = settings.pop("durability", None)
         try:
-            self.client = Client(**{k: v for k, v in settings.items() if v not in (None, "")})
+            self.client = Client(**settings)
         except errors.KVStoreError as exc:
             log.error("kvstore LMCache plugin: bad settings (%s): every lookup will miss", exc)
             raise
-        self.failures = 0
+        self._failures = Failures(log, "kvstore LMCache plugin")
         self.zero_copy_puts = 0
         self.zero_copy_gets = 0
-        self._reported: dict[str, float] = {}
         # With the header, a value is header + payload and cannot be moved from the pool as it lies.
         self.pool = None if self.save_chunk_meta else self._register_pool()
         log.info(
@@ -110,12 +105,17 @@ class KVStoreConnector(RemoteConnector):
     def _key(key) -> bytes:
         return key.to_string().encode()
 
+    @property
+    def failures(self) -> int:
+        """Failures LMCache saw as misses, of every kind (``failures_by_kind`` splits them)."""
+        return self._failures.count
+
+    @property
+    def failures_by_kind(self) -> dict[str, int]:
+        return dict(self._failures.by_kind)
+
     def _failed(self, what: str, exc: BaseException) -> None:
-        self.failures += 1
-        now = time.monotonic()
-        if now - self._reported.get(what, -3600.0) >= 60.0:
-            self._reported[what] = now
-            log.error("kvstore LMCache plugin: %s failed (LMCache sees a miss): %s", what, exc)
+        self._failures(what, exc, "LMCache sees a miss")
 
     def _encode(self, obj: MemoryObj):
         payload = obj.byte_array.cast("B")[: obj.get_size()]
