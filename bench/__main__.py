@@ -1,5 +1,6 @@
 """``python -m bench``: kvstore's put/get next to memcpy, loopback TCP and peer stores;
-``python -m bench storage``: layouts on disk; ``python -m bench cluster``: 1, 2 and 3 daemons, R=2."""
+``python -m bench storage``: layouts on disk; ``python -m bench cluster``: 1, 2 and 3 daemons, R=2;
+``python -m bench lookups``: prefix-lookup latency."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import cluster, plot, report, ring, storage, suite
+from bench import cluster, lookups, plot, report, ring, storage, suite
 from bench.kvstore_runner import DAEMON_UCX_TLS, MIN_BLOCK_SIZE, Admin, start_daemon
 from bench.measure import BenchError, best_runs
 from bench.peers import ALL_PEERS, DEFAULT_PEERS, available_peers
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {','.join(DEFAULT_PEERS)}); one not installed is skipped with a note (bench/peers/README.md)",
     )
 
-    sub = p.add_subparsers(dest="command", metavar="{storage,ring,cluster}")
+    sub = p.add_subparsers(dest="command", metavar="{storage,ring,cluster,lookups}")
     s = sub.add_parser(
         "storage",
         help="storage layout micro-benchmark (RocksDB blobs vs segment files vs a plain file)",
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="draw no progress bar")
     sub.add_parser("ring", help="placement ring balance and movement figures (python -m bench.ring takes options)")
     sub.add_parser("cluster", help="aggregate GB/s of 1, 2 and 3 daemons and R=2 against R=1 (python -m bench cluster --help)")
+    sub.add_parser("lookups", help="lookup_prefix / exists latency, 1 to 4096 keys, local channel and gRPC (python -m bench lookups --help)")
     return p
 
 
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cluster"]:  # options of its own, parsed by bench.cluster
         return cluster.main(argv[1:])
+    if argv[:1] == ["lookups"]:  # options of its own, parsed by bench.lookups
+        return lookups.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
