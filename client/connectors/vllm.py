@@ -81,7 +81,7 @@ from kvstore.client.connectors.loop import LoopThread
 
 log = logging.getLogger("kvstore.client.connectors.vllm")
 
-# Settings of kv_connector_extra_config beyond the SDK's (common.SETTINGS).
+# Settings of kv_connector_extra_config beyond the SDK's (connectors.SETTINGS).
 LOOKUP_TIMEOUT = 2.0  # seconds the scheduler waits for one prefix lookup
 LOAD_TIMEOUT = 30.0  # seconds one request's load may take before it is a miss
 PAUSE_AFTER_FAILURE = 5.0  # seconds the scheduler skips lookups after one failed
