@@ -36,6 +36,9 @@ class Nodes:
         self.config = config
         self.client_id = uuid.uuid4().hex
         self.connections: dict[str, Connection] = {}  # by address
+        # Daemons that announced copying our registered memory themselves but were
+        # refused by the kernel (they answered SHARED_MEMORY_UNAVAILABLE): by address.
+        self.process_copy_refused: set[str] = set()
         self._hello_locks: dict[str, asyncio.Lock] = {}
         self.limits: cluster_pb2.HelloResponse | None = None  # of the first daemon that answered
         self.zero_copy = False  # True once a daemon accepted our data plane
@@ -87,6 +90,20 @@ class Nodes:
         (yes until its Hello says it has none)."""
         conn = self.connections.get(address)
         return conn is None or conn.hello is None or conn.zero_copy
+
+    def copies_process(self, address: str) -> bool:
+        """Whether the daemon at ``address`` copies the blocks of memory this process
+        registered itself (hashing them as it copies), so that a put need not send
+        their checksums: it said so in its Hello and our Data calls to it go over
+        its local channel."""
+        conn = self.connections.get(address)
+        if conn is None or conn.hello is None or not conn.hello.process_copy or address in self.process_copy_refused:
+            return False
+        return conn.local is not None and not conn.local.closed
+
+    def copies_process_anywhere(self) -> bool:
+        """Whether any daemon this client talks to copies this process's memory itself."""
+        return any(self.copies_process(address) for address in self.connections)
 
     @property
     def max_value_bytes(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import mmap
+import os
 
 from kvstore import errors
 from kvstore._proto.v1 import data_pb2
@@ -63,6 +64,9 @@ class MemoryRegion:
     def wire(self) -> data_pb2.RemoteRegion:
         """The region as a zero-copy request names it."""
         region = data_pb2.RemoteRegion(region_id=self.region_id, rkey=self.rkey, address=self.address, length=self.length)
+        # The memory is this process's: a daemon that hears the request from this
+        # very process over its local channel copies the blocks itself.
+        region.pid = os.getpid()
         if self.shared is not None:
             pid, fd, token, length = self.shared.descriptor
             region.shared_memory.pid = pid
@@ -88,10 +92,11 @@ class MemoryRegion:
     def checksum(self, offset: int, size: int) -> int:
         return checksum(self._view[offset : offset + size])
 
-    def checksums(self, offsets, sizes) -> list[int | None]:
+    def checksums(self, offsets, sizes, *, daemon: bool = False) -> list[int | None]:
         """The checksums a put from this region sends: None each while the daemon
-        computes them itself (shared memory; see ``daemon_checksums``)."""
-        if self.daemon_checksums:
+        computes them itself (shared memory, see ``daemon_checksums``; or
+        ``daemon``: a co-located daemon copies this process's memory itself)."""
+        if self.daemon_checksums or daemon:
             return [None] * len(offsets)
         return [self.checksum(o, n) for o, n in zip(offsets, sizes)]
 

@@ -68,7 +68,9 @@ class Writes:
     ) -> int:
         """Store validated blocks that lie in ``region``; every replica reads them by RMA."""
         zero_copy = self.nodes.zero_copy and region.zero_copy
-        checksums = region.checksums(offsets, sizes) if zero_copy else None
+        # A co-located daemon that copies this process's memory hashes the blocks
+        # itself; the others get them from _put_from_region.
+        checksums = region.checksums(offsets, sizes, daemon=self.nodes.copies_process_anywhere()) if zero_copy else None
         ranges = by_count_and_bytes(list(sizes), self.config.max_batch_keys, self.nodes.max_batch_bytes)
 
         async def chunk(a: int, b: int) -> int:
@@ -141,12 +143,21 @@ class Writes:
     async def _put_from_region(self, node: str, keys, staged: StagedBlocks, level: Durability, timeout: float) -> bool:
         """A zero-copy Put; False when the daemon cannot stage the blocks (send them inline)."""
         region = staged.region
-        omitted = region.daemon_checksums  # shared memory: the daemon hashes as it copies
+        address = self.maps.view.addresses[node]
         checksums = staged.checksums
+        # Shared memory, or this process's memory that the daemon copies itself: it
+        # hashes as it copies (checksums already computed, as for staged values, still go).
+        if region.shared is not None:
+            omitted = region.daemon_checksums
+        else:
+            omitted = None in checksums and self.nodes.copies_process(address)
         if not omitted:
             checksums = [region.checksum(o, n) if c is None else c for o, n, c in zip(staged.offsets, staged.sizes, checksums)]
         wire = region.wire()
-        wire.shared_memory.checksums_omitted = omitted
+        if region.shared is not None:
+            wire.shared_memory.checksums_omitted = omitted
+        else:
+            wire.checksums_omitted = omitted
         request = data_pb2.PutRequest(
             namespace=self.namespace,
             durability=durability_to_proto(level),
@@ -164,7 +175,11 @@ class Writes:
                 return False
             if fallback is not Fallback.WITH_CHECKSUMS or not omitted:
                 raise
-            region.daemon_checksums = False  # that daemon reads it by RMA: it needs our checksums
+            # That daemon reads it by RMA: it needs our checksums.
+            if region.shared is not None:
+                region.daemon_checksums = False
+            else:
+                self.nodes.process_copy_refused.add(address)
             return await self._put_from_region(node, keys, staged, level, timeout)
         return True
 

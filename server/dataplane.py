@@ -25,6 +25,16 @@ private. A mapping lives as long as the client holds the memory: the daemon
 watches the client's process (a pidfd) and drops its session when it exits,
 and unmaps a region the client closed when it next maps one.
 
+Memory a co-located client allocated itself and registered (an engine's numpy
+array, bytearray, pinned tensor, a raw range) cannot be mapped, but it moves
+the same way: the daemon reads or writes it in the client's process with
+process_vm_readv/writev, hashing each piece as it lands or leaves
+(``ProcessMemoryTransfer``, kvstore._native.read_process_blocks). That is
+done only for a request that came over the local channel from the process
+whose memory it names (``RemoteRegion.pid`` equal to the socket's
+SO_PEERCRED pid), and only within the range the request's region names; a
+daemon that may not (a stricter ptrace scope: EPERM) moves it by RMA.
+
 That is not an access control on its own: UCX serves software-emulated RMA
 (TCP) for any peer that holds an endpoint to a worker, whatever rkey it
 presents, and over shared memory a same-user process can read another through
@@ -35,9 +45,11 @@ daemon's worker (network policy, separate users), not on rkeys.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +90,10 @@ class ClientSession:
     rkeys: OrderedDict = field(default_factory=OrderedDict)
     # (token, address) -> SharedMemory, or None when it could not be mapped
     shared: OrderedDict = field(default_factory=OrderedDict)
-    pidfd: int = -1  # the client's process, watched once it shared memory
+    pidfd: int = -1  # the client's process, watched once it shared memory or had its memory copied
+    # Whether this daemon may copy the memory of the client's process itself
+    # (process_vm_readv): None until first tried, then True, or the reason it may not.
+    process_copy: bool | str | None = None
     since: float = field(default_factory=time.monotonic)
     used: float = field(default_factory=time.monotonic)  # its last request or Hello
 
@@ -150,6 +165,8 @@ class DataPlane:
         self._arena = arena_buffer
         self._copies = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvstore-copy")
         self.address_check = AddressCheck(tls)
+        # The co-located copy of registered client memory (ProcessMemoryTransfer).
+        self.process_copy = sys.platform.startswith("linux") and hasattr(_native, "read_process_blocks")
         self.enabled = True
 
     def start(self) -> None:
@@ -232,18 +249,58 @@ class DataPlane:
     ) -> Transfer:
         """How the bytes of one request move between the arena and the client's
         ``region`` (a ``RemoteRegion``): over its shared memory when it is shared
-        memory this daemon can map, else by RMA. A put whose blocks omit their
-        checksums can only be served over shared memory (the copy computes them)."""
+        memory this daemon can map, else copied from or into the client's process
+        when the request came over the local channel from that process, else by
+        RMA. A put whose blocks omit their checksums can only be served by the
+        first two (the copy computes them)."""
         session = self.session(secret, owner)
         shared = await self.shared_region(session, region, peer_pid)
         if shared is not None:
             return SharedMemoryTransfer(self, shared)
-        if put and region.shared_memory.checksums_omitted:
+        omitted = put and (region.shared_memory.checksums_omitted or region.checksums_omitted)
+        if self.copies_process(session, region, peer_pid):
+            return ProcessMemoryTransfer(self, session, region, omitted)
+        if omitted:
             raise errors.InvalidArgumentError(
-                "this daemon cannot map the client's shared memory; send the blocks' checksums",
+                "this daemon cannot copy the client's memory itself (it maps no shared memory of it and "
+                "the request did not come over the local channel from the process that holds it); "
+                "send the blocks' checksums",
                 code=ErrorCode.SHARED_MEMORY_UNAVAILABLE,
             )
         return RmaTransfer(self, session, self.remote_key(session, region))
+
+    def rma(self, session: ClientSession, region) -> RmaTransfer:
+        return RmaTransfer(self, session, self.remote_key(session, region))
+
+    def copies_process(self, session: ClientSession, region, peer_pid: int | None) -> bool:
+        """Whether the blocks of ``region`` are copied from or into the client's
+        process by this daemon (``ProcessMemoryTransfer``): only for a request
+        that came over the local channel from the process that the region says
+        holds it, for a region with a valid range, and while the kernel lets this
+        daemon read that process (tried once per session, on its first such request)."""
+        if not self.process_copy or not region.pid or peer_pid is None or region.pid != peer_pid:
+            return False
+        if region.length == 0 or region.address + region.length > MAX_ADDRESS:
+            return False  # RMA refuses it with the precise reason
+        if session.process_copy is None:
+            _, failed, error = self._native.read_process_blocks(peer_pid, bytearray(1), [0], [region.address], [1])
+            if failed < 0:
+                session.process_copy = True
+                self._watch(session, peer_pid)
+            elif error == errno.EFAULT:
+                return False  # not this region's memory: RMA says what is wrong with it
+            else:
+                self.refuse_process_copy(session, peer_pid, error)
+        return session.process_copy is True
+
+    def refuse_process_copy(self, session: ClientSession, pid: int, error: int) -> None:
+        """Move this session's blocks by RMA from now on: the kernel refused to
+        let this daemon read or write process ``pid`` (``error``, an errno)."""
+        session.process_copy = f"{os.strerror(error)} (errno {errno.errorcode.get(error, error)})"
+        log.info(
+            "client %s: the memory of process %d is moved by RMA: this daemon may not copy it itself: %s",
+            session.client_id, pid, session.process_copy,
+        )
 
     def remote_key(self, session: ClientSession, region):
         """The region's remote key, bounded to the range it names: a transfer
@@ -386,6 +443,27 @@ class DataPlane:
         finally:
             self._copying -= 1
 
+    async def _process_copy(self, read: bool, pid: int, arena_offsets, addresses, sizes) -> tuple[list[int], int, int]:
+        """Blocks copied between the arena and process ``pid`` (as ``_copy``: on the
+        event loop when small, else on a copy thread, by 2 threads when large);
+        ``(checksums, failed, errno)`` as kvstore._native.read_process_blocks."""
+        if not sizes:
+            return [], -1, 0
+        total = sum(sizes)
+        threads = 2 if total >= PARALLEL_COPY_BYTES and 2 * (self._copying + 1) <= CPUS else 1
+        native = self._native.read_process_blocks if read else self._native.write_process_blocks
+
+        def copy() -> tuple[list[int], int, int]:
+            return native(pid, self._arena, arena_offsets, addresses, sizes, threads=threads)
+
+        self._copying += 1
+        try:
+            if total <= INLINE_COPY_BYTES or (total <= ALONE_INLINE_COPY_BYTES and not self._others_waiting()):
+                return copy()
+            return await asyncio.get_running_loop().run_in_executor(self._copies, copy)
+        finally:
+            self._copying -= 1
+
     async def _transfer(self, session, op, rkey, arena_offsets, remote_addresses, sizes) -> None:
         if not sizes:
             return
@@ -492,3 +570,77 @@ class RmaTransfer:
     async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> None:
         """RMA-write arena extents into the client's region, flushed before returning."""
         await self._plane._transfer(self._session, "put_async", self._rkey, arena_offsets, remote_addresses, lengths)
+
+
+class ProcessMemoryTransfer:
+    """A request's blocks copied between the arena and the memory of the client's
+    own process (process_vm_readv/writev), hashed on the way (storage's
+    ``Transfer``, with checksums): for memory a co-located client registered
+    that the daemon cannot map. Every block must lie within the range the
+    request's region names. Where the kernel refuses the copy (EPERM), the
+    blocks move by RMA instead, and then without checksums; a put that omitted
+    its checksums is refused then with SHARED_MEMORY_UNAVAILABLE (the client
+    resends it with them)."""
+
+    __slots__ = ("_plane", "_session", "_region", "_omitted", "checksums_while_copying")
+
+    def __init__(self, plane: DataPlane, session: ClientSession, region, omitted: bool) -> None:
+        self._plane = plane
+        self._session = session
+        self._region = region
+        self._omitted = omitted
+        self.checksums_while_copying = True
+
+    async def read_into_arena(self, arena_offsets, remote_addresses, sizes) -> list[int] | None:
+        """Copy blocks of the client's memory into arena extents; the xxh3-64 of each."""
+        return await self._move(True, list(arena_offsets), list(remote_addresses), list(sizes))
+
+    async def write_from_arena(self, arena_offsets, remote_addresses, lengths) -> list[int] | None:
+        """Copy arena extents into the client's memory; the xxh3-64 of each block's arena bytes."""
+        return await self._move(False, list(arena_offsets), list(remote_addresses), list(lengths))
+
+    async def _move(self, read: bool, arena_offsets: list[int], addresses: list[int], sizes: list[int]) -> list[int] | None:
+        region = self._region
+        start, end = region.address, region.address + region.length
+        for index, (address, size) in enumerate(zip(addresses, sizes)):
+            if not start <= address <= end or size > end - address:
+                raise errors.InvalidArgumentError(
+                    f"block {index}: [{address:#x}, +{size}) lies outside the region {region.region_id} "
+                    f"[{start:#x}, +{region.length}) the request names",
+                    index=index,
+                )
+        if self._session.process_copy is True:
+            checksums, failed, error = await self._plane._process_copy(read, region.pid, arena_offsets, addresses, sizes)
+            if failed < 0:
+                return checksums
+            if error == errno.EFAULT:
+                raise errors.InvalidArgumentError(
+                    f"block {failed}: the client's memory at [{addresses[failed]:#x}, +{sizes[failed]}) cannot be "
+                    f"{'read' if read else 'written'}: it is not mapped in process {region.pid}",
+                    index=failed,
+                )
+            if error == errno.ESRCH:
+                raise errors.UnavailableError(
+                    f"process {region.pid} of client {self._session.client_id!r} is gone", code=ErrorCode.TRANSFER_FAILED
+                )
+            if error not in (errno.EPERM, errno.EACCES):
+                raise errors.UnavailableError(
+                    f"copying block {failed} {'from' if read else 'to'} process {region.pid} failed: "
+                    f"{os.strerror(error)}",
+                    code=ErrorCode.TRANSFER_FAILED,
+                )
+            self._plane.refuse_process_copy(self._session, region.pid, error)
+        # The kernel refused (or refused before, for another request): by RMA.
+        if self._omitted:
+            raise errors.InvalidArgumentError(
+                f"this daemon may not copy the memory of process {region.pid} ({self._session.process_copy}); "
+                "send the blocks' checksums",
+                code=ErrorCode.SHARED_MEMORY_UNAVAILABLE,
+            )
+        self.checksums_while_copying = False
+        rma = self._plane.rma(self._session, region)
+        if read:
+            await rma.read_into_arena(arena_offsets, addresses, sizes)
+        else:
+            await rma.write_from_arena(arena_offsets, addresses, sizes)
+        return None

@@ -10,6 +10,8 @@
         └── get_async / put_async                 the same, awaited on the running loop
     xxh3(handle, offset, length)        checksum of registered memory, without a copy
     copy_blocks(dst, ..., src, ...)     block copies between two local buffers, hashed on the way
+    read_process_blocks(pid, ...)       another process's memory into a local buffer, hashed (CMA)
+    write_process_blocks(pid, ...)      a local buffer into another process's memory, hashed (CMA)
     shared_memory.SharedMemory          client memory a co-located daemon maps (memfd)
 
 The compiled part is ``kvstore._native._ext`` (``src/``: a UCX-only C++ core and
@@ -76,7 +78,9 @@ __all__ = [
     "available",
     "copy_blocks",
     "error_for_status",
+    "read_process_blocks",
     "unavailable_reason",
+    "write_process_blocks",
     "xxh3",
 ]
 
@@ -520,4 +524,34 @@ def copy_blocks(
     InvalidArgumentError (naming the index) before anything is copied."""
     return _require().copy_blocks(
         destination, list(destination_offsets), source, list(source_offsets), list(sizes), max(1, int(threads))
+    )
+
+
+def read_process_blocks(
+    pid: int, destination, destination_offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int], *, threads: int = 1
+) -> tuple[list[int], int, int]:
+    """Read ``sizes[i]`` bytes at ``addresses[i]`` of process ``pid`` into
+    ``destination`` (a writable buffer) at ``destination_offsets[i]`` with
+    process_vm_readv, hashing each piece right after it lands, with the GIL
+    released, on up to ``threads`` threads for a large batch.
+
+    Returns ``(checksums, failed, errno)``: the xxh3-64 of each block, and -1
+    and 0, or the index of the first block that could not be read and the
+    errno of its system call (EFAULT: not mapped there; EPERM: this process may
+    not read that one; ESRCH: it is gone). The caller bounds the addresses; a
+    range outside ``destination`` raises InvalidArgumentError before any byte moves."""
+    return _require().read_process_blocks(
+        pid, destination, list(destination_offsets), list(addresses), list(sizes), max(1, int(threads))
+    )
+
+
+def write_process_blocks(
+    pid: int, source, source_offsets: Sequence[int], addresses: Sequence[int], sizes: Sequence[int], *, threads: int = 1
+) -> tuple[list[int], int, int]:
+    """Write ``sizes[i]`` bytes of ``source`` at ``source_offsets[i]`` to
+    ``addresses[i]`` of process ``pid`` with process_vm_writev, hashing each
+    piece just before it leaves; as ``read_process_blocks`` otherwise (the
+    checksums are of the source bytes)."""
+    return _require().write_process_blocks(
+        pid, source, list(source_offsets), list(addresses), list(sizes), max(1, int(threads))
     )

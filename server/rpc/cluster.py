@@ -68,6 +68,7 @@ class ClusterService:
             max_key_bytes=MAX_KEY_BYTES,
             server_version=__version__,
             local_socket=self.local_socket if self.dataplane.enabled else "",
+            process_copy=bool(session) and bool(self.local_socket) and self.dataplane.process_copy,
         )
 
 

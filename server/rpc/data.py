@@ -117,7 +117,8 @@ class DataService:
         """Validated blocks of a zero-copy put, and where each one lies in the client's region."""
         self._check_batch(len(request.blocks))
         limit = self.config.max_value_size
-        unchecked = request.region.shared_memory.checksums_omitted  # the daemon computes them while copying
+        # The daemon computes them while copying (shared memory, or the client's process memory).
+        unchecked = request.region.shared_memory.checksums_omitted or request.region.checksums_omitted
         blocks, addresses = [], []
         for i, block in enumerate(request.blocks):
             key = validate_key(block.key, i)
@@ -216,7 +217,8 @@ class DataService:
         found = await self.store.get_remote(
             keys, [slot.capacity for slot in slots], [slot.address for slot in slots], transfer
         )
-        # Over shared memory the daemon verified every checksum while it copied.
+        # Over shared memory or from the client's process memory the daemon verified
+        # every checksum while it copied.
         response = pb.GetResponse(shared_memory=transfer.checksums_while_copying)
         hits = sent = 0
         for block in found:

@@ -93,8 +93,32 @@ async def test_plain_put_many_and_get_many_go_through_shared_staging(daemon_pid_
         assert kv._nodes.staging.region.shared.token in mapped_tokens(pid)
 
 
-async def test_a_daemon_that_cannot_map_the_memory_reads_it_by_rma(daemon_pid_address, tenant):
+async def test_a_daemon_that_cannot_map_the_memory_copies_it_from_the_process(daemon_pid_address, tenant):
     _, address = daemon_pid_address
+    async with Client(address, tenant=tenant, transport="ucx") as kv:
+        with kv.allocate(1 << 20) as src, kv.allocate(1 << 20) as dst:
+            data = fill(src, 3)
+            src.shared.pid = dst.shared.pid = 2**22 + 4321  # a process the daemon cannot find
+            assert await kv.put_from([b"a", b"b"], src, [0, 1000], [1000, 5000]) == 2
+            assert src.daemon_checksums  # our own process's memory: the daemon still hashed it
+            assert await kv.get_into([b"b", b"a"], dst, [0, 8192], [5000, 1000]) == [5000, 1000]
+            out = np.frombuffer(dst.buffer, dtype=np.uint8)
+            assert np.array_equal(out[:5000], data[1000:6000]) and np.array_equal(out[8192:9192], data[:1000])
+            del data, out
+
+
+async def test_a_daemon_that_can_neither_map_nor_copy_the_memory_reads_it_by_rma(daemon_pid_address, tenant, monkeypatch):
+    from kvstore.client.regions import MemoryRegion
+
+    wire = MemoryRegion.wire
+
+    def elsewhere(region):
+        message = wire(region)
+        message.pid = 2**22 + 4321  # not the process at the other end of the local channel
+        return message
+
+    _, address = daemon_pid_address
+    monkeypatch.setattr(MemoryRegion, "wire", elsewhere)
     async with Client(address, tenant=tenant, transport="ucx") as kv:
         with kv.allocate(1 << 20) as src, kv.allocate(1 << 20) as dst:
             data = fill(src, 3)
@@ -309,7 +333,9 @@ async def test_another_process_cannot_name_a_clients_shared_memory(daemon_pid_ad
             assert attacker.returncode == 0, attacker.stderr[-2000:]
             out = json.loads(attacker.stdout.strip().splitlines()[-1])
             assert out["local"]  # the attack came over the attacker's own local channel
-            assert out["Put"] == "SHARED_MEMORY_UNAVAILABLE"  # not mapped for it, so it must send checksums
+            # Not mapped for it: refused, or read from the attacker's own process only (and
+            # the victim's address is outside the attacker's region).
+            assert out["Put"] in ("SHARED_MEMORY_UNAVAILABLE", "INVALID_ARGUMENT")
             assert out["Get"] in ("ok", "INVALID_ARGUMENT") and out["Get"] != "ok shared"
             assert out["stolen"] is None
             assert token not in mapped_tokens(pid)  # the daemon never mapped the victim's memory

@@ -242,6 +242,52 @@ std::vector<std::uint64_t> copy_blocks(nb::handle destination,
   return kn::copy_and_hash(ranges, threads);
 }
 
+// process_blocks: ranges of a local buffer (the daemon's arena) filled from
+// (`read`) or written into another process's memory at `remote_addresses`,
+// hashed on the way, with the GIL released. The caller checks the remote
+// ranges against what the request may touch; a failed system call is
+// returned, not raised: (checksums, index of the first failed block or -1, errno).
+nb::tuple process_blocks(int pid, nb::handle local, const std::vector<std::int64_t>& local_offsets,
+                         const std::vector<std::uint64_t>& remote_addresses,
+                         const std::vector<std::int64_t>& sizes, unsigned threads, bool read) {
+  if (pid <= 0) {
+    throw kn::InvalidArgumentError("pid must be positive, not " + std::to_string(pid));
+  }
+  if (local_offsets.size() != sizes.size() || remote_addresses.size() != sizes.size()) {
+    throw kn::InvalidArgumentError("local_offsets, remote_addresses and sizes differ in length (" +
+                                   std::to_string(local_offsets.size()) + ", " +
+                                   std::to_string(remote_addresses.size()) + ", " +
+                                   std::to_string(sizes.size()) + ")");
+  }
+  HeldBuffer buffer(local, read, "the local buffer");
+  std::vector<kn::ProcessRange> ranges;
+  ranges.reserve(sizes.size());
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const std::int64_t offset = local_offsets[i], size = sizes[i];
+    if (offset < 0 || size < 0 || static_cast<std::uint64_t>(offset) > buffer.length() ||
+        static_cast<std::uint64_t>(size) > buffer.length() - static_cast<std::uint64_t>(offset)) {
+      throw kn::InvalidArgumentError("range " + std::to_string(i) + ": [" + std::to_string(offset) + ", +" +
+                                         std::to_string(size) + ") is outside the local buffer of " +
+                                         std::to_string(buffer.length()) + " bytes",
+                                     static_cast<int>(i));
+    }
+    if (remote_addresses[i] > UINT64_MAX - static_cast<std::uint64_t>(size)) {
+      throw kn::InvalidArgumentError("range " + std::to_string(i) + ": the remote address " +
+                                         std::to_string(remote_addresses[i]) + " + " + std::to_string(size) +
+                                         " overflows",
+                                     static_cast<int>(i));
+    }
+    ranges.push_back({buffer.data() + offset, remote_addresses[i], static_cast<std::size_t>(size)});
+  }
+  kn::ProcessCopy result;
+  {
+    nb::gil_scoped_release release;
+    result = read ? kn::read_process_and_hash(static_cast<pid_t>(pid), ranges, threads)
+                  : kn::write_process_and_hash(static_cast<pid_t>(pid), ranges, threads);
+  }
+  return nb::make_tuple(result.checksums, static_cast<std::int64_t>(result.failed), result.error);
+}
+
 nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
 
 std::string from_bytes(const nb::bytes& b) { return std::string(b.c_str(), b.size()); }
@@ -303,6 +349,26 @@ NB_MODULE(_ext, m) {
   m.def("copy_blocks", &copy_blocks, "destination"_a, "destination_offsets"_a, "source"_a,
         "source_offsets"_a, "sizes"_a, "threads"_a = 1,
         "Copy ranges of one buffer into another with the GIL released; returns the xxh3-64 of each.");
+  m.def(
+      "read_process_blocks",
+      [](int pid, nb::handle destination, const std::vector<std::int64_t>& destination_offsets,
+         const std::vector<std::uint64_t>& remote_addresses, const std::vector<std::int64_t>& sizes,
+         unsigned threads) {
+        return process_blocks(pid, destination, destination_offsets, remote_addresses, sizes, threads, true);
+      },
+      "pid"_a, "destination"_a, "destination_offsets"_a, "remote_addresses"_a, "sizes"_a, "threads"_a = 1,
+      "Read ranges of process pid into a buffer (process_vm_readv), hashing each; "
+      "(checksums, first failed index or -1, errno).");
+  m.def(
+      "write_process_blocks",
+      [](int pid, nb::handle source, const std::vector<std::int64_t>& source_offsets,
+         const std::vector<std::uint64_t>& remote_addresses, const std::vector<std::int64_t>& sizes,
+         unsigned threads) {
+        return process_blocks(pid, source, source_offsets, remote_addresses, sizes, threads, false);
+      },
+      "pid"_a, "source"_a, "source_offsets"_a, "remote_addresses"_a, "sizes"_a, "threads"_a = 1,
+      "Write ranges of a buffer into process pid (process_vm_writev), hashing each; "
+      "(checksums, first failed index or -1, errno).");
   nb::class_<kn::Context>(m, "Context")
       .def(nb::new_([](const std::string& tls, const kn::Context::Settings& settings) {
              nb::gil_scoped_release release;  // ucp_init loads transport modules

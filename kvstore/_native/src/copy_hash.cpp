@@ -117,7 +117,47 @@ LongFn pick_long() noexcept {
 KVSTORE_COPY_HASH_LONG(native, )
 #endif
 
+// XXH3_64bits_update with a given target's stripe accumulators.
+#define KVSTORE_HASH_UPDATE(name, target)                                                \
+  target void hash_update_##name(XXH3_state_t* state, const xxh_u8* input, std::size_t n) noexcept { \
+    XXH3_update(state, input, n, XXH3_accumulate_##name, XXH3_scrambleAcc_##name);      \
+  }
+
+#ifdef KVSTORE_X86
+KVSTORE_HASH_UPDATE(sse2, XXH_TARGET_SSE2)
+KVSTORE_HASH_UPDATE(avx2, XXH_TARGET_AVX2)
+
+using UpdateFn = void (*)(XXH3_state_t*, const xxh_u8*, std::size_t) noexcept;
+
+UpdateFn pick_update() noexcept {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? &hash_update_avx2 : &hash_update_sse2;
+}
+#else
+KVSTORE_HASH_UPDATE(native, )
+#endif
+
 }  // namespace
+
+struct StreamingHash::State {
+  XXH3_state_t xxh;
+};
+
+StreamingHash::StreamingHash() : state_(std::make_unique<State>()) { XXH3_64bits_reset(&state_->xxh); }
+
+StreamingHash::~StreamingHash() = default;
+
+void StreamingHash::update(const std::byte* data, std::size_t n) noexcept {
+  const auto* input = reinterpret_cast<const xxh_u8*>(data);
+#ifdef KVSTORE_X86
+  static const UpdateFn update_fn = pick_update();
+  update_fn(&state_->xxh, input, n);
+#else
+  hash_update_native(&state_->xxh, input, n);
+#endif
+}
+
+std::uint64_t StreamingHash::digest() const noexcept { return XXH3_64bits_digest(&state_->xxh); }
 
 std::uint64_t copy_hash(std::byte* destination, const std::byte* source, std::size_t n,
                         bool streaming) noexcept {

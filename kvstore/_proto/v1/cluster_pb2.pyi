@@ -69,7 +69,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., client_version: _Optional[str] = ..., previous_session: _Optional[bytes] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("node_id", "worker_address", "cluster_map", "max_value_bytes", "max_message_bytes", "max_key_bytes", "server_version", "ucx_tls", "data_plane", "local_socket", "session")
+    __slots__ = ("node_id", "worker_address", "cluster_map", "max_value_bytes", "max_message_bytes", "max_key_bytes", "server_version", "ucx_tls", "data_plane", "local_socket", "session", "process_copy")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_MAP_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class HelloResponse(_message.Message):
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_COPY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     worker_address: bytes
     cluster_map: ClusterMap
@@ -92,4 +93,5 @@ class HelloResponse(_message.Message):
     data_plane: bool
     local_socket: str
     session: bytes
-    def __init__(self, node_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., cluster_map: _Optional[_Union[ClusterMap, _Mapping]] = ..., max_value_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., ucx_tls: _Optional[str] = ..., data_plane: bool = ..., local_socket: _Optional[str] = ..., session: _Optional[bytes] = ...) -> None: ...
+    process_copy: bool
+    def __init__(self, node_id: _Optional[str] = ..., worker_address: _Optional[bytes] = ..., cluster_map: _Optional[_Union[ClusterMap, _Mapping]] = ..., max_value_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_key_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., ucx_tls: _Optional[str] = ..., data_plane: bool = ..., local_socket: _Optional[str] = ..., session: _Optional[bytes] = ..., process_copy: bool = ...) -> None: ...

@@ -25,55 +25,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvstore/v1/data.proto\x12\nkvstore.v1\".\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tsubtenant\x18\x02 \x01(\t\"\x81\x01\n\x0cRemoteRegion\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0c\n\x04rkey\x18\x02 \x01(\x0c\x12/\n\rshared_memory\x18\x03 \x01(\x0b\x32\x18.kvstore.v1.SharedMemory\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"r\n\x0cSharedMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\x04\x12\x19\n\x11\x63hecksums_omitted\x18\x06 \x01(\x08\"b\n\nBlockWrite\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\x16\n\x0eremote_address\x18\x05 \x01(\x04\"\xd8\x01\n\nPutRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.kvstore.v1.BlockWrite\x12*\n\ndurability\x18\x03 \x01(\x0e\x32\x16.kvstore.v1.Durability\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12(\n\x06region\x18\x05 \x01(\x0b\x32\x18.kvstore.v1.RemoteRegion\x12\x0f\n\x07session\x18\x06 \x01(\x0c\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"/\n\nRemoteSlot\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"\xb9\x01\n\nGetRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12(\n\x06region\x18\x04 \x01(\x0b\x32\x18.kvstore.v1.RemoteRegion\x12%\n\x05slots\x18\x05 \x03(\x0b\x32\x16.kvstore.v1.RemoteSlot\x12\x0f\n\x07session\x18\x06 \x01(\x0c\"^\n\tBlockRead\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\x11\n\ttoo_small\x18\x05 \x01(\x08\"L\n\x0bGetResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.BlockRead\x12\x15\n\rshared_memory\x18\x02 \x01(\x08\"E\n\x0bKeysRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\" \n\x0e\x45xistsResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"%\n\x14LookupPrefixResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x0f\n\x07\x65xisted\x18\x02 \x03(\x08\"k\n\x0bListRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0e\n\x06prefix\x18\x02 \x01(\x0c\x12\x13\n\x0bstart_after\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\"(\n\tListEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06length\x18\x02 \x01(\x04\"I\n\x0cListResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.ListEntry\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"7\n\x0bStatRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\"Y\n\x0eNamespaceStats\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"9\n\x0cStatResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.kvstore.v1.NamespaceStats*i\n\nDurability\x12\x1a\n\x16\x44URABILITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44URABILITY_MEMORY\x10\x01\x12\x13\n\x0f\x44URABILITY_DISK\x10\x02\x12\x13\n\x0f\x44URABILITY_SYNC\x10\x03\x32\xb5\x03\n\x04\x44\x61ta\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse\x12=\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.ExistsResponse\x12I\n\x0cLookupPrefix\x12\x17.kvstore.v1.KeysRequest\x1a .kvstore.v1.LookupPrefixResponse\x12=\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12\x39\n\x04List\x12\x17.kvstore.v1.ListRequest\x1a\x18.kvstore.v1.ListResponse\x12\x39\n\x04Stat\x12\x17.kvstore.v1.StatRequest\x1a\x18.kvstore.v1.StatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvstore/v1/data.proto\x12\nkvstore.v1\".\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tsubtenant\x18\x02 \x01(\t\"\xa9\x01\n\x0cRemoteRegion\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0c\n\x04rkey\x18\x02 \x01(\x0c\x12/\n\rshared_memory\x18\x03 \x01(\x0b\x32\x18.kvstore.v1.SharedMemory\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x19\n\x11\x63hecksums_omitted\x18\x07 \x01(\x08\"r\n\x0cSharedMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\x04\x12\x19\n\x11\x63hecksums_omitted\x18\x06 \x01(\x08\"b\n\nBlockWrite\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\x16\n\x0eremote_address\x18\x05 \x01(\x04\"\xd8\x01\n\nPutRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.kvstore.v1.BlockWrite\x12*\n\ndurability\x18\x03 \x01(\x0e\x32\x16.kvstore.v1.Durability\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12(\n\x06region\x18\x05 \x01(\x0b\x32\x18.kvstore.v1.RemoteRegion\x12\x0f\n\x07session\x18\x06 \x01(\x0c\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"/\n\nRemoteSlot\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"\xb9\x01\n\nGetRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12(\n\x06region\x18\x04 \x01(\x0b\x32\x18.kvstore.v1.RemoteRegion\x12%\n\x05slots\x18\x05 \x03(\x0b\x32\x16.kvstore.v1.RemoteSlot\x12\x0f\n\x07session\x18\x06 \x01(\x0c\"^\n\tBlockRead\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\x11\n\ttoo_small\x18\x05 \x01(\x08\"L\n\x0bGetResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.BlockRead\x12\x15\n\rshared_memory\x18\x02 \x01(\x08\"E\n\x0bKeysRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\" \n\x0e\x45xistsResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"%\n\x14LookupPrefixResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x0f\n\x07\x65xisted\x18\x02 \x03(\x08\"k\n\x0bListRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0e\n\x06prefix\x18\x02 \x01(\x0c\x12\x13\n\x0bstart_after\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\"(\n\tListEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06length\x18\x02 \x01(\x04\"I\n\x0cListResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.ListEntry\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"7\n\x0bStatRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\"Y\n\x0eNamespaceStats\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"9\n\x0cStatResponse\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.kvstore.v1.NamespaceStats*i\n\nDurability\x12\x1a\n\x16\x44URABILITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44URABILITY_MEMORY\x10\x01\x12\x13\n\x0f\x44URABILITY_DISK\x10\x02\x12\x13\n\x0f\x44URABILITY_SYNC\x10\x03\x32\xb5\x03\n\x04\x44\x61ta\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse\x12=\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.ExistsResponse\x12I\n\x0cLookupPrefix\x12\x17.kvstore.v1.KeysRequest\x1a .kvstore.v1.LookupPrefixResponse\x12=\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12\x39\n\x04List\x12\x17.kvstore.v1.ListRequest\x1a\x18.kvstore.v1.ListResponse\x12\x39\n\x04Stat\x12\x17.kvstore.v1.StatRequest\x1a\x18.kvstore.v1.StatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DURABILITY']._serialized_start=1723
-  _globals['_DURABILITY']._serialized_end=1828
+  _globals['_DURABILITY']._serialized_start=1763
+  _globals['_DURABILITY']._serialized_end=1868
   _globals['_NAMESPACE']._serialized_start=37
   _globals['_NAMESPACE']._serialized_end=83
   _globals['_REMOTEREGION']._serialized_start=86
-  _globals['_REMOTEREGION']._serialized_end=215
-  _globals['_SHAREDMEMORY']._serialized_start=217
-  _globals['_SHAREDMEMORY']._serialized_end=331
-  _globals['_BLOCKWRITE']._serialized_start=333
-  _globals['_BLOCKWRITE']._serialized_end=431
-  _globals['_PUTREQUEST']._serialized_start=434
-  _globals['_PUTREQUEST']._serialized_end=650
-  _globals['_PUTRESPONSE']._serialized_start=652
-  _globals['_PUTRESPONSE']._serialized_end=681
-  _globals['_REMOTESLOT']._serialized_start=683
-  _globals['_REMOTESLOT']._serialized_end=730
-  _globals['_GETREQUEST']._serialized_start=733
-  _globals['_GETREQUEST']._serialized_end=918
-  _globals['_BLOCKREAD']._serialized_start=920
-  _globals['_BLOCKREAD']._serialized_end=1014
-  _globals['_GETRESPONSE']._serialized_start=1016
-  _globals['_GETRESPONSE']._serialized_end=1092
-  _globals['_KEYSREQUEST']._serialized_start=1094
-  _globals['_KEYSREQUEST']._serialized_end=1163
-  _globals['_EXISTSRESPONSE']._serialized_start=1165
-  _globals['_EXISTSRESPONSE']._serialized_end=1197
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=1199
-  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=1236
-  _globals['_DELETERESPONSE']._serialized_start=1238
-  _globals['_DELETERESPONSE']._serialized_end=1288
-  _globals['_LISTREQUEST']._serialized_start=1290
-  _globals['_LISTREQUEST']._serialized_end=1397
-  _globals['_LISTENTRY']._serialized_start=1399
-  _globals['_LISTENTRY']._serialized_end=1439
-  _globals['_LISTRESPONSE']._serialized_start=1441
-  _globals['_LISTRESPONSE']._serialized_end=1514
-  _globals['_STATREQUEST']._serialized_start=1516
-  _globals['_STATREQUEST']._serialized_end=1571
-  _globals['_NAMESPACESTATS']._serialized_start=1573
-  _globals['_NAMESPACESTATS']._serialized_end=1662
-  _globals['_STATRESPONSE']._serialized_start=1664
-  _globals['_STATRESPONSE']._serialized_end=1721
-  _globals['_DATA']._serialized_start=1831
-  _globals['_DATA']._serialized_end=2268
+  _globals['_REMOTEREGION']._serialized_end=255
+  _globals['_SHAREDMEMORY']._serialized_start=257
+  _globals['_SHAREDMEMORY']._serialized_end=371
+  _globals['_BLOCKWRITE']._serialized_start=373
+  _globals['_BLOCKWRITE']._serialized_end=471
+  _globals['_PUTREQUEST']._serialized_start=474
+  _globals['_PUTREQUEST']._serialized_end=690
+  _globals['_PUTRESPONSE']._serialized_start=692
+  _globals['_PUTRESPONSE']._serialized_end=721
+  _globals['_REMOTESLOT']._serialized_start=723
+  _globals['_REMOTESLOT']._serialized_end=770
+  _globals['_GETREQUEST']._serialized_start=773
+  _globals['_GETREQUEST']._serialized_end=958
+  _globals['_BLOCKREAD']._serialized_start=960
+  _globals['_BLOCKREAD']._serialized_end=1054
+  _globals['_GETRESPONSE']._serialized_start=1056
+  _globals['_GETRESPONSE']._serialized_end=1132
+  _globals['_KEYSREQUEST']._serialized_start=1134
+  _globals['_KEYSREQUEST']._serialized_end=1203
+  _globals['_EXISTSRESPONSE']._serialized_start=1205
+  _globals['_EXISTSRESPONSE']._serialized_end=1237
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_start=1239
+  _globals['_LOOKUPPREFIXRESPONSE']._serialized_end=1276
+  _globals['_DELETERESPONSE']._serialized_start=1278
+  _globals['_DELETERESPONSE']._serialized_end=1328
+  _globals['_LISTREQUEST']._serialized_start=1330
+  _globals['_LISTREQUEST']._serialized_end=1437
+  _globals['_LISTENTRY']._serialized_start=1439
+  _globals['_LISTENTRY']._serialized_end=1479
+  _globals['_LISTRESPONSE']._serialized_start=1481
+  _globals['_LISTRESPONSE']._serialized_end=1554
+  _globals['_STATREQUEST']._serialized_start=1556
+  _globals['_STATREQUEST']._serialized_end=1611
+  _globals['_NAMESPACESTATS']._serialized_start=1613
+  _globals['_NAMESPACESTATS']._serialized_end=1702
+  _globals['_STATRESPONSE']._serialized_start=1704
+  _globals['_STATRESPONSE']._serialized_end=1761
+  _globals['_DATA']._serialized_start=1871
+  _globals['_DATA']._serialized_end=2308
 # @@protoc_insertion_point(module_scope)

@@ -28,18 +28,22 @@ class Namespace(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subtenant: _Optional[str] = ...) -> None: ...
 
 class RemoteRegion(_message.Message):
-    __slots__ = ("region_id", "rkey", "shared_memory", "address", "length")
+    __slots__ = ("region_id", "rkey", "shared_memory", "address", "length", "pid", "checksums_omitted")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     RKEY_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     region_id: int
     rkey: bytes
     shared_memory: SharedMemory
     address: int
     length: int
-    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., address: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    pid: int
+    checksums_omitted: bool
+    def __init__(self, region_id: _Optional[int] = ..., rkey: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., address: _Optional[int] = ..., length: _Optional[int] = ..., pid: _Optional[int] = ..., checksums_omitted: bool = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("pid", "fd", "token", "length", "address", "checksums_omitted")
