@@ -11,8 +11,9 @@ The client paths (each a ``Client`` per bench client process, bench.workers):
   zero-copy (engine memory)
                    transport "ucx", ucx_tls "shm,tcp", buffers the caller allocated
                    (numpy, as an engine's KV pool) and registered: the co-located
-                   daemon reads and writes them by RMA (UCX picks CMA); put_from /
-                   get_into
+                   daemon copies each block between the client's process and its
+                   arena itself (process_vm_readv/writev), hashing as it copies;
+                   put_from / get_into
   zero-copy (tcp)  transport "ucx", ucx_tls "tcp": the same calls, every byte over
                    UCX's TCP transport (the daemon reaches this client over TCP only)
   inline           transport "inline": values inside the gRPC messages; put_many /

@@ -368,7 +368,10 @@ def render_sdk(info: dict, settings: dict, results: list[Result], notes: list[st
         "segment file and indexed (page cache, not fsynced): the cost of persistence.",
         "- zero-copy rows: `put_from`/`get_into`, buffers set up once per block size. (shm): memory the SDK "
         "allocated (`Client.allocate`, a memfd the co-located daemon maps): the daemon copies each block with "
-        "one memcpy between it and its memory tier, hashing as it copies. (tcp): numpy buffers registered with "
+        "one memcpy between it and its memory tier, hashing as it copies. (engine memory): numpy buffers the "
+        "client allocated and registered (`Client.register`, as an engine's KV pool), to the same co-located "
+        "daemon, which copies each block between the client's process and its memory tier itself "
+        "(process_vm_readv/writev), hashing as it copies. (tcp): numpy buffers registered with "
         "`Client.register`; the daemon moves the bytes by RMA over UCX's TCP transport. "
         "inline rows: `put_many`/`get_many`, values inside the gRPC messages.",
         "- Every get case reads back the blocks its put case wrote; each value begins with its own key and "

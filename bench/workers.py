@@ -166,7 +166,8 @@ class KvstoreDriver(Driver):
     ``ucx_tls`` "shm,tcp" or "tcp") with ``put_from``/``get_into``: "shm" on memory the SDK
     allocated (``Client.allocate``: shared with the co-located daemon, which copies with
     memcpy), "engine" on registered numpy buffers to the same co-located daemon (memory an
-    inference engine allocated itself: the daemon reaches it by RMA, UCX's CMA), "tcp" on
+    inference engine allocated itself: the daemon copies it from and into the client's
+    process with process_vm_readv/writev), "tcp" on
     registered numpy buffers (the daemon's RMA over UCX's TCP transport);
     "inline" is transport "inline" with ``put_many``/``get_many`` (values in gRPC messages);
     "auto" is the SDK's default transport with ``put_from``/``get_into`` on memory from

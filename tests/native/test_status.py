@@ -77,7 +77,9 @@ def test_public_names():
         "available",
         "copy_blocks",
         "error_for_status",
+        "read_process_blocks",
         "unavailable_reason",
+        "write_process_blocks",
         "xxh3",
     ]
     for name in _native.__all__:
