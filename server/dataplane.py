@@ -146,6 +146,7 @@ class DataPlane:
         # By secret, least recently used first: each Hello and each use moves one to the end.
         self.sessions: OrderedDict[bytes, ClientSession] = OrderedDict()
         self.enabled = False
+        self.process_copy = False  # whether ProcessMemoryTransfer may serve co-located clients
         self.reason = ""
         if not enabled:
             self.reason = "disabled by configuration (data_plane: false)"
@@ -165,7 +166,6 @@ class DataPlane:
         self._arena = arena_buffer
         self._copies = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvstore-copy")
         self.address_check = AddressCheck(tls)
-        # The co-located copy of registered client memory (ProcessMemoryTransfer).
         self.process_copy = sys.platform.startswith("linux") and hasattr(_native, "read_process_blocks")
         self.enabled = True
 
